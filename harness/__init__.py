@@ -1,0 +1,1 @@
+"""mergelab orchestration: the only package that knows every part."""

@@ -1,0 +1,48 @@
+"""Console entry points: ``mergelab`` (the Hydra app, one cell per job) and
+``mergelab-collect`` (run directories → tables). Both only parse and hand over."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from harness.run import run_cell
+
+# Absolute, so the console script finds the repo's conf/ (the README installs editable).
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _app(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
+    sweep = cfg.get("sweep") or (Path(hc.sweep.dir).name if multirun else None)
+    run_cell(cfg, sweep=sweep)
+
+
+def main() -> None:
+    """``mergelab [overrides]``: run one cell; ``mergelab -m ...`` runs a grid."""
+    logging.getLogger("mergelab").setLevel(logging.INFO)
+    _app()
+
+
+def collect_main(argv: list[str] | None = None) -> None:
+    """``mergelab-collect RUN_DIR... [--out DIR]``: tidy table, pivots, plot; prints the pivot."""
+    from harness.tables import collect
+
+    p = argparse.ArgumentParser(prog="mergelab-collect", description=collect_main.__doc__)
+    p.add_argument("paths", nargs="+", help="run directories or result.json files")
+    p.add_argument("--out", default="tables", help="where tables and the plot are written")
+    p.add_argument("--metric", default=None, help="metric to pivot (default: each task's primary)")
+    args = p.parse_args(argv)
+    tables = collect(args.paths, args.out, metric=args.metric)
+    print(tables["pivot"].to_markdown(floatfmt=".4f"))
+    if "normalised" in tables and not tables["normalised"].empty:
+        print("\nNormalised score (merged ÷ the expert on its own task):\n")
+        print(tables["normalised"].to_markdown(floatfmt=".3f"))
+    print(f"\ntables written to {args.out}/")

@@ -1,0 +1,212 @@
+"""One cell: build pool → run method → evaluate → record. Nothing else orchestrates.
+
+Order of work, cheapest checks first so a bad config fails in seconds:
+resolve config → cell id → skip if finished → validate task names → instantiate the
+method (validates its options) → open the pool and check compatibility → merge (in
+memory, or streamed to a sharded checkpoint) → evaluate the in-memory model → write
+samples, then ``result.json`` atomically → log to W&B (never fatal).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from evals.lm_eval import evaluate, validate_tasks, write_samples_jsonl
+from harness import records, tracking
+from harness.pool import ModelPool, parse_dtype
+from harness.stream import ShardedCheckpointWriter, execute, model_card
+from methods.base import MergeMethod
+
+log = logging.getLogger("mergelab")
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    start = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - start, 4)
+
+
+def run_cell(cfg: DictConfig, *, sweep: str | None = None) -> dict[str, Any] | None:
+    """Run (or skip, or describe with ``dry_run``) one cell; return its record."""
+    c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    cid = records.cell_id(c)
+    runs_dir = Path(c["runs_dir"])
+    cell_dir = runs_dir / cid
+    finished = records.load_finished(runs_dir, cid)
+    if c.get("dry_run"):
+        _describe(c, cid, finished is not None)
+        return finished
+    if finished and not c.get("force"):
+        print(f"[mergelab] skip {cid}: finished ({records.result_path(runs_dir, cid)})")
+        return finished
+
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    task_cfg = c["task"]
+    with _timed(timings, "check"):
+        task_manager = validate_tasks(list(task_cfg["tasks"]), task_cfg.get("include_path"))
+        method: MergeMethod = instantiate(cfg.method)
+        pool = ModelPool.from_config(c["model"]).open()
+        pool.check_compatible()
+    torch.manual_seed(c["seed"])
+
+    record: dict[str, Any] = {
+        "schema": records.SCHEMA,
+        "status": "running",
+        "cell_id": cid,
+        "sweep": sweep,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": c,
+        "method": {
+            "name": method.name,
+            "params": {k: v for k, v in c["method"].items() if k != "_target_"},
+        },
+        "pool": pool.describe(),
+        "seed": c["seed"],
+    }
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    merged_dir = cell_dir / "merged"
+    model, digest = _merge(c, pool, method, record, merged_dir, timings)
+    record["method"]["report"] = method.report()
+    record["weights_sha256"] = digest
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        pool.base_dir, trust_remote_code=pool.trust_remote_code
+    )
+    ev = c["eval"]
+    with _timed(timings, "eval"):
+        result = evaluate(
+            model,
+            tokenizer,
+            list(task_cfg["tasks"]),
+            task_manager=task_manager,
+            num_fewshot=_first_set(task_cfg.get("num_fewshot"), ev.get("num_fewshot")),
+            limit=ev.get("limit"),
+            batch_size=ev.get("batch_size", 1),
+            device=c["device"],
+            max_length=ev.get("max_length"),
+            seed=c["seed"],
+            log_samples=ev.get("log_samples", True),
+            gen_kwargs=ev.get("gen_kwargs"),
+        )
+    if ev.get("log_samples", True):
+        write_samples_jsonl(result.samples, cell_dir / "samples.jsonl")
+    timings["total"] = round(time.perf_counter() - t_start, 4)
+    record.update(
+        status="complete",
+        scores=result.scores,
+        stderr=result.stderr,
+        n_samples=result.n_samples,
+        timings=timings,
+        versions=records.versions(),
+    )
+    records.write_json_atomic(records.result_path(runs_dir, cid), record)
+    _log_wandb(c, record, sweep, cell_dir)
+    print(f"[mergelab] done {cid}: {method.name} → {records.result_path(runs_dir, cid)}")
+    return record
+
+
+def _first_set(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _merge(
+    c: dict[str, Any],
+    pool: ModelPool,
+    method: MergeMethod,
+    record: dict[str, Any],
+    merged_dir: Path,
+    timings: dict[str, float],
+) -> tuple[Any, str]:
+    """Merge in memory (then optionally save) or stream to disk (then load)."""
+    from transformers import AutoModelForCausalLM
+
+    load_kwargs = {
+        "dtype": parse_dtype(pool.dtype) or "auto",
+        "trust_remote_code": pool.trust_remote_code,
+    }
+    shutil.rmtree(merged_dir.with_name(merged_dir.name + ".partial"), ignore_errors=True)
+    if c["stream"]:
+        writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
+        with _timed(timings, "merge"):
+            digest = execute(pool, method, writer, seed=c["seed"], device=c["device"])
+        with _timed(timings, "save"):
+            writer.close(pool, model_card(record))
+        with _timed(timings, "load"):
+            model = AutoModelForCausalLM.from_pretrained(merged_dir, **load_kwargs)
+        return model.to(c["device"]).eval(), digest
+
+    merged: dict[str, torch.Tensor] = {}
+    with _timed(timings, "merge"):
+        digest = execute(pool, method, merged.__setitem__, seed=c["seed"], device=c["device"])
+    with _timed(timings, "load"):
+        model = AutoModelForCausalLM.from_pretrained(pool.base_dir, **load_kwargs)
+        load_state_dict_checked(model, merged)
+    if c["save_merged"]:
+        with _timed(timings, "save"):
+            writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
+            for name, tensor in merged.items():
+                writer(name, tensor)
+            writer.close(pool, model_card(record))
+    return model.to(c["device"]).eval(), digest
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load merged tensors into ``model``; every model tensor must come from ``state``
+    or be tied to one that does (e.g. lm_head tied to the embeddings)."""
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"merged tensors the model does not have: {result.unexpected_keys[:8]}")
+    params = dict(model.state_dict())
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in result.missing_keys if params[k].data_ptr() not in loaded_ptrs]
+    if untied:
+        raise ValueError(f"merged state lacks model tensors {untied[:8]}; checkpoint incomplete?")
+
+
+def _log_wandb(
+    c: dict[str, Any], record: dict[str, Any], sweep: str | None, cell_dir: Path
+) -> None:
+    lg = c["logger"]
+    with tracking.start(
+        c,
+        project=lg.get("project", "mergelab"),
+        entity=lg.get("entity"),
+        group=lg.get("group") or sweep,
+        name=record["cell_id"],
+        mode=lg.get("mode", "offline"),
+        dir=cell_dir,
+        tags=list(lg.get("tags") or []) + [record["method"]["name"]],
+    ) as tracker:
+        tracker.log_summary(
+            {
+                **{f"{t}/{m}": v for t, ms in record["scores"].items() for m, v in ms.items()},
+                **{f"time/{k}": v for k, v in record["timings"].items()},
+                "weights_sha256": record["weights_sha256"],
+            }
+        )
+
+
+def _describe(c: dict[str, Any], cid: str, finished: bool) -> None:
+    """The dry-run line: what this cell would do, and whether it is already done."""
+    params = {k: v for k, v in c["method"].items() if k != "_target_"}
+    experts = ", ".join(c["model"].get("experts") or {})
+    print(
+        f"[mergelab] dry-run {cid} [{'finished' if finished else 'to run'}] "
+        f"method={c['method']['_target_']} {params} pool={c['model'].get('name')} "
+        f"(base + {experts}) tasks={list(c['task']['tasks'])} seed={c['seed']} "
+        f"→ {Path(c['runs_dir']) / cid}"
+    )

@@ -1,0 +1,188 @@
+"""The tensor-by-tensor executor and the sharded HF checkpoint writer.
+
+``execute`` drives a method over a pool: its statistics passes, then the merge pass. Each
+step holds one tensor of the base and of each expert (upcast to float32 on the compute
+device) and the merged result, so peak memory is a few tensors plus the writer's shard
+buffer. Merged tensors go to a sink: a dict (in-memory merge, for models that fit) or
+``ShardedCheckpointWriter`` (a directory ``from_pretrained`` and ``lm_eval --model hf``
+load unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from harness.pool import ModelPool, parse_dtype
+from methods.base import MergeMethod
+
+Sink = Callable[[str, Tensor], None]
+
+
+class NonFiniteError(ValueError):
+    """A merged tensor holds NaN or inf."""
+
+
+def execute(
+    pool: ModelPool,
+    method: MergeMethod,
+    sink: Sink,
+    *,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
+) -> str:
+    """Run ``method`` over ``pool`` tensor by tensor; return the merged weights' sha256.
+
+    Tensors kept from the base (excluded or non-floating) are passed through unchanged.
+    The hash covers every tensor's name, dtype, shape and bytes in checkpoint order, so
+    equal hashes mean bit-identical weights.
+    """
+    out_dtype = parse_dtype(pool.dtype)
+    names = pool.tensor_names()
+    merged_names = [n for n in names if pool.is_merged(n)]
+    method.setup(pool.expert_names, seed)
+
+    def loaded(name: str) -> tuple[Tensor, dict[str, Tensor]]:
+        base, experts = pool.tensors(name)
+        return _f32(base, device), {k: _f32(v, device) for k, v in experts.items()}
+
+    for p in range(method.stat_passes):
+        for name in tqdm(
+            merged_names,
+            desc=f"stats pass {p + 1}/{method.stat_passes}",
+            disable=not progress,
+            leave=False,
+        ):
+            method.observe(p, name, *loaded(name))
+        method.end_pass(p)
+
+    digest = hashlib.sha256()
+    for name in tqdm(names, desc=f"merge ({method.name})", disable=not progress, leave=False):
+        if name in merged_names:
+            base, experts = loaded(name)
+            result = method.merge_tensor(name, base, experts)
+            if not torch.isfinite(result).all():
+                bad = [
+                    k for k, v in {"base": base, **experts}.items() if not torch.isfinite(v).all()
+                ]
+                where = f"inputs with NaN/inf: {bad}" if bad else "all inputs are finite"
+                raise NonFiniteError(
+                    f"{method.name} produced NaN/inf in tensor {name!r} ({where}). Check the "
+                    "named checkpoints, or the method's hyperparameters if the inputs are finite."
+                )
+            result = result.to(out_dtype or pool.sources["base"].dtype(name)).cpu()
+        else:
+            result = pool.sources["base"].get(name)
+            if out_dtype is not None and result.is_floating_point():
+                result = result.to(out_dtype)
+        result = result.contiguous()
+        digest.update(f"{name}|{result.dtype}|{tuple(result.shape)}|".encode())
+        digest.update(_bytes(result))
+        sink(name, result)
+    return digest.hexdigest()
+
+
+def _f32(t: Tensor, device: str) -> Tensor:
+    return t.to(device=device, dtype=torch.float32)
+
+
+def _bytes(t: Tensor) -> bytes:
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def parse_size(size: str | int) -> int:
+    """'500MB' / '2GB' / bytes → bytes."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+class ShardedCheckpointWriter:
+    """Writes tensors into safetensors shards + index, then config, tokenizer and card.
+
+    Everything goes to ``<out>.partial`` and is renamed to ``out`` only by ``close``, so an
+    interrupted write never leaves a directory that looks complete.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_size: str | int = "1GB"):
+        self.out_dir = Path(out_dir)
+        self.tmp = self.out_dir.with_name(self.out_dir.name + ".partial")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.max_bytes = parse_size(max_shard_size)
+        self.buffer: dict[str, Tensor] = {}
+        self.buffer_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def __call__(self, name: str, tensor: Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffer_bytes + size > self.max_bytes:
+            self._flush()
+        self.buffer[name] = tensor
+        self.buffer_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        idx = len(self.shards)
+        save_file(self.buffer, self.tmp / f"shard-{idx:05d}.tmp", metadata={"format": "pt"})
+        self.shards.append(list(self.buffer))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def close(self, pool: ModelPool, card: str) -> Path:
+        """Finish shards and index; add config, generation config, tokenizer and card."""
+        if self.buffer:
+            self._flush()
+        n = len(self.shards)
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / f"shard-{i:05d}.tmp", self.tmp / final)
+            weight_map.update({k: final for k in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = pool.config_json()
+        if pool.dtype:
+            config["dtype"] = pool.dtype
+            config.pop("torch_dtype", None)
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
+        gen = pool.base_dir / "generation_config.json"
+        if gen.is_file():
+            shutil.copy(gen, self.tmp / gen.name)
+        for f in pool.tokenizer_files():
+            shutil.copy(f, self.tmp / f.name)
+        (self.tmp / "README.md").write_text(card)
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        os.replace(self.tmp, self.out_dir)
+        return self.out_dir
+
+
+def model_card(record: dict[str, Any]) -> str:
+    """A model card recording how the checkpoint was merged."""
+    import yaml
+
+    body = yaml.safe_dump(
+        {"method": record["method"], "pool": record["pool"], "seed": record["seed"]},
+        sort_keys=False,
+    )
+    return (
+        "---\nlibrary_name: transformers\ntags: [mergelab, merge]\n---\n"
+        f"# Merged with mergelab\n\nCell `{record['cell_id']}`. Merge configuration:\n\n"
+        f"```yaml\n{body}```\n"
+    )

@@ -1,0 +1,1 @@
+"""Merge-method plugins: pure tensor functions plus thin ``MergeMethod`` wrappers."""

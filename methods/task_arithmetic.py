@@ -1,0 +1,73 @@
+"""Task arithmetic: θ = θ0 + λ Σ w_k τ_k with τ_k = θ_k − θ0.
+
+The per-model weights are *not* normalised: λ alone sets the overall step size
+(λ = 0.3 is the usual data-free default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from methods.base import MergeMethod, check_finite, check_weights_option, resolve_weights
+
+
+def weighted_task_sum(
+    base: Tensor, experts: Sequence[Tensor], weights: Sequence[float] | None = None
+) -> Tensor:
+    """Σ w_k (θ_k − θ0) (equal weights 1.0 when ``None``)."""
+    experts = list(experts)
+    ws = [1.0] * len(experts) if weights is None else [float(w) for w in weights]
+    if len(ws) != len(experts):
+        raise ValueError(f"got {len(ws)} weights for {len(experts)} experts")
+    acc = torch.zeros_like(base)
+    for w, t in zip(ws, experts, strict=True):
+        acc.add_(t - base, alpha=w)
+    return acc
+
+
+def task_arithmetic(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    scaling: float = 0.3,
+    weights: Sequence[float] | None = None,
+) -> Tensor:
+    """θ0 + λ Σ w_k τ_k."""
+    return base + scaling * weighted_task_sum(base, experts, weights)
+
+
+class TaskArithmetic(MergeMethod):
+    """Plugin for :func:`task_arithmetic`.
+
+    Options: ``scaling`` (λ, any finite number, default 0.3); ``weights`` — null (1.0
+    each), a list in pool order, or a mapping by expert name (missing names get 1.0).
+    Weights multiply the task vectors and are not normalised.
+    """
+
+    name = "task_arithmetic"
+
+    def __init__(
+        self,
+        scaling: float = 0.3,
+        weights: Mapping[str, float] | Sequence[float] | None = None,
+    ) -> None:
+        self.scaling = check_finite(scaling, "method.scaling")
+        self.weights_option = check_weights_option(weights)
+        self.weights: list[float] = []
+        self.expert_names: list[str] = []
+
+    def setup(self, expert_names: Sequence[str], seed: int) -> None:
+        super().setup(expert_names, seed)
+        self.weights = resolve_weights(self.weights_option, self.expert_names)
+        self.weight_of = dict(zip(self.expert_names, self.weights, strict=True))
+
+    def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:
+        return task_arithmetic(
+            base, list(experts.values()), self.scaling, [self.weight_of[n] for n in experts]
+        )
+
+    def report(self) -> dict[str, Any]:
+        return {"weights": dict(zip(self.expert_names, self.weights, strict=True))}

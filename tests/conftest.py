@@ -1,0 +1,19 @@
+"""Shared fixtures: one tiny pool (base, two experts, a LoRA expert) and local tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.tiny_pool import build_pool, write_conf, write_tasks
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Checkpoint dirs of the tiny pool, plus 'tasks' (lm-eval YAML dir) and 'conf'."""
+    root = tmp_path_factory.mktemp("tiny_pool")
+    dirs = build_pool(root / "models")
+    dirs["tasks"] = write_tasks(root / "tasks")
+    dirs["conf"] = write_conf(root / "conf", dirs, dirs["tasks"])
+    return dirs
