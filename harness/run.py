@@ -9,7 +9,6 @@ samples, then ``result.json`` atomically → log to W&B (never fatal).
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from contextlib import contextmanager
@@ -21,13 +20,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from evals.calibration import calibration_prompts
 from evals.lm_eval import evaluate, validate_tasks, write_samples_jsonl
 from harness import records, tracking
 from harness.pool import ModelPool, parse_dtype
 from harness.stream import ShardedCheckpointWriter, execute, model_card
-from methods.base import MergeMethod
-
-log = logging.getLogger("mergelab")
+from methods.base import FitContext, MergeMethod
 
 
 @contextmanager
@@ -76,47 +74,64 @@ def run_cell(cfg: DictConfig, *, sweep: str | None = None) -> dict[str, Any] | N
         "seed": c["seed"],
     }
     cell_dir.mkdir(parents=True, exist_ok=True)
-    merged_dir = cell_dir / "merged"
-    model, digest = _merge(c, pool, method, record, merged_dir, timings)
-    record["method"]["report"] = method.report()
-    record["weights_sha256"] = digest
-
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
         pool.base_dir, trust_remote_code=pool.trust_remote_code
     )
-    ev = c["eval"]
-    with _timed(timings, "eval"):
-        result = evaluate(
-            model,
-            tokenizer,
-            list(task_cfg["tasks"]),
-            task_manager=task_manager,
-            num_fewshot=_first_set(task_cfg.get("num_fewshot"), ev.get("num_fewshot")),
-            limit=ev.get("limit"),
-            batch_size=ev.get("batch_size", 1),
-            device=c["device"],
-            max_length=ev.get("max_length"),
-            seed=c["seed"],
-            log_samples=ev.get("log_samples", True),
-            gen_kwargs=ev.get("gen_kwargs"),
+    with _tracker(c, record, sweep, cell_dir) as tracker:
+        fit_context = None
+        if method.needs_data:
+            with _timed(timings, "calibration"):
+                fit_context = _fit_context(c, pool, tokenizer, task_manager, tracker)
+        model, digest = _merge(c, pool, method, record, cell_dir / "merged", timings, fit_context)
+        record["method"]["report"] = method.report()
+        record["weights_sha256"] = digest
+        ev = c["eval"]
+        with _timed(timings, "eval"):
+            result = evaluate(
+                model,
+                tokenizer,
+                list(task_cfg["tasks"]),
+                task_manager=task_manager,
+                num_fewshot=_first_set(task_cfg.get("num_fewshot"), ev.get("num_fewshot")),
+                limit=ev.get("limit"),
+                batch_size=ev.get("batch_size", 1),
+                max_length=ev.get("max_length"),
+                seed=c["seed"],
+                log_samples=ev.get("log_samples", True),
+                gen_kwargs=ev.get("gen_kwargs"),
+            )
+        if ev.get("log_samples", True):
+            write_samples_jsonl(result.samples, cell_dir / "samples.jsonl")
+        timings["total"] = round(time.perf_counter() - t_start, 4)
+        record.update(
+            status="complete",
+            scores=result.scores,
+            stderr=result.stderr,
+            n_samples=result.n_samples,
+            timings=timings,
+            versions=records.versions(),
         )
-    if ev.get("log_samples", True):
-        write_samples_jsonl(result.samples, cell_dir / "samples.jsonl")
-    timings["total"] = round(time.perf_counter() - t_start, 4)
-    record.update(
-        status="complete",
-        scores=result.scores,
-        stderr=result.stderr,
-        n_samples=result.n_samples,
-        timings=timings,
-        versions=records.versions(),
-    )
-    records.write_json_atomic(records.result_path(runs_dir, cid), record)
-    _log_wandb(c, record, sweep, cell_dir)
+        records.write_json_atomic(records.result_path(runs_dir, cid), record)
+        tracker.log_summary(
+            {
+                **{f"{t}/{m}": v for t, ms in record["scores"].items() for m, v in ms.items()},
+                **{f"time/{k}": v for k, v in record["timings"].items()},
+                "weights_sha256": record["weights_sha256"],
+            }
+        )
     print(f"[mergelab] done {cid}: {method.name} → {records.result_path(runs_dir, cid)}")
+    print(score_table(record))
     return record
+
+
+def score_table(record: dict[str, Any]) -> str:
+    """Markdown table of each task's metrics in a finished record."""
+    lines = ["| task | metric | score |", "|:--|:--|--:|"]
+    for task, metrics in record["scores"].items():
+        lines += [f"| {task} | {m} | {v:.4f} |" for m, v in metrics.items()]
+    return "\n".join(lines)
 
 
 def _first_set(*values: Any) -> Any:
@@ -130,6 +145,7 @@ def _merge(
     record: dict[str, Any],
     merged_dir: Path,
     timings: dict[str, float],
+    fit_context: FitContext | None,
 ) -> tuple[Any, str]:
     """Merge in memory (then optionally save) or stream to disk (then load)."""
     from transformers import AutoModelForCausalLM
@@ -142,7 +158,9 @@ def _merge(
     if c["stream"]:
         writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
         with _timed(timings, "merge"):
-            digest = execute(pool, method, writer, seed=c["seed"], device=c["device"])
+            digest = execute(
+                pool, method, writer, seed=c["seed"], device=c["device"], fit_context=fit_context
+            )
         with _timed(timings, "save"):
             writer.close(pool, model_card(record))
         with _timed(timings, "load"):
@@ -151,7 +169,14 @@ def _merge(
 
     merged: dict[str, torch.Tensor] = {}
     with _timed(timings, "merge"):
-        digest = execute(pool, method, merged.__setitem__, seed=c["seed"], device=c["device"])
+        digest = execute(
+            pool,
+            method,
+            merged.__setitem__,
+            seed=c["seed"],
+            device=c["device"],
+            fit_context=fit_context,
+        )
     with _timed(timings, "load"):
         model = AutoModelForCausalLM.from_pretrained(pool.base_dir, **load_kwargs)
         load_state_dict_checked(model, merged)
@@ -177,11 +202,12 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
         raise ValueError(f"merged state lacks model tensors {untied[:8]}; checkpoint incomplete?")
 
 
-def _log_wandb(
+def _tracker(
     c: dict[str, Any], record: dict[str, Any], sweep: str | None, cell_dir: Path
-) -> None:
+) -> tracking.Tracker:
+    """One W&B run per cell (offline by default); failures only warn."""
     lg = c["logger"]
-    with tracking.start(
+    return tracking.start(
         c,
         project=lg.get("project", "mergelab"),
         entity=lg.get("entity"),
@@ -190,14 +216,54 @@ def _log_wandb(
         mode=lg.get("mode", "offline"),
         dir=cell_dir,
         tags=list(lg.get("tags") or []) + [record["method"]["name"]],
-    ) as tracker:
-        tracker.log_summary(
-            {
-                **{f"{t}/{m}": v for t, ms in record["scores"].items() for m, v in ms.items()},
-                **{f"time/{k}": v for k, v in record["timings"].items()},
-                "weights_sha256": record["weights_sha256"],
-            }
+    )
+
+
+def _fit_context(
+    c: dict[str, Any], pool: ModelPool, tokenizer: Any, task_manager: Any, tracker: Any
+) -> FitContext:
+    """Tensors, models, calibration prompts and a logger for a data-dependent method."""
+    from transformers import AutoModelForCausalLM
+
+    device = c["device"]
+    cal = c["task"].get("calibration") or {}
+    prompts = calibration_prompts(
+        list(c["task"]["tasks"]),
+        task_manager,
+        split=cal.get("split", "validation"),
+        n=int(cal.get("n", 64)),
+        seed=c["seed"],
+    )
+    names = [n for n in pool.tensor_names() if pool.is_merged(n)]
+
+    def load_tensors(name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        base, experts = pool.tensors(name)
+        f32 = {"device": device, "dtype": torch.float32}
+        return base.to(**f32), {k: v.to(**f32) for k, v in experts.items()}
+
+    def build_model(member: str) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(
+            pool.base_dir,
+            dtype=parse_dtype(pool.dtype) or "auto",
+            trust_remote_code=pool.trust_remote_code,
         )
+        if member != "base":
+            src = pool.sources[member]
+            load_state_dict_checked(model, {n: src.get(n) for n in pool.tensor_names()})
+        return model.to(device).eval()
+
+    return FitContext(
+        expert_names=pool.expert_names,
+        expert_tasks={e.name: list(e.tasks) for e in pool.experts},
+        tensor_names=names,
+        load_tensors=load_tensors,
+        build_model=build_model,
+        tokenizer=tokenizer,
+        calibration=prompts,
+        device=device,
+        seed=c["seed"],
+        log=lambda metrics, step: tracker.log_metrics(metrics, step=step),
+    )
 
 
 def _describe(c: dict[str, Any], cid: str, finished: bool) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from harness.pool import ModelPool, parse_dtype
-from methods.base import MergeMethod
+from methods.base import FitContext, MergeMethod
 
 Sink = Callable[[str, Tensor], None]
 
@@ -41,10 +41,12 @@ def execute(
     seed: int,
     device: str = "cpu",
     progress: bool = True,
+    fit_context: FitContext | None = None,
 ) -> str:
     """Run ``method`` over ``pool`` tensor by tensor; return the merged weights' sha256.
 
-    Tensors kept from the base (excluded or non-floating) are passed through unchanged.
+    A data-dependent method first learns from ``fit_context`` (its ``fit``). Tensors kept
+    from the base (excluded or non-floating) are passed through unchanged.
     The hash covers every tensor's name, dtype, shape and bytes in checkpoint order, so
     equal hashes mean bit-identical weights.
     """
@@ -52,6 +54,10 @@ def execute(
     names = pool.tensor_names()
     merged_names = [n for n in names if pool.is_merged(n)]
     method.setup(pool.expert_names, seed)
+    if method.needs_data:
+        if fit_context is None:
+            raise ValueError(f"{method.name} learns from data and needs a FitContext")
+        method.fit(fit_context)
 
     def loaded(name: str) -> tuple[Tensor, dict[str, Tensor]]:
         base, experts = pool.tensors(name)

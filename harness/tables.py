@@ -525,3 +525,43 @@ def collect(
     export(tables, out, formats)
     plot_scores(tables["pivot"], out / "scores.png")
     return {"tidy": df, **tables}
+
+
+REFERENCE_COLUMNS = ["paper", "arxiv", "setup", "method", "task", "metric", "value", "source"]
+
+
+def load_reference(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Published numbers (results/reference/*.csv), checked for the expected columns."""
+    frames = []
+    for p in _as_paths(paths):
+        ref = pd.read_csv(p)
+        missing = [c for c in REFERENCE_COLUMNS if c not in ref.columns]
+        if missing:
+            raise RecordError(f"{p}: reference CSV lacks columns {missing}")
+        frames.append(ref[REFERENCE_COLUMNS])
+    return pd.concat(frames, ignore_index=True)
+
+
+def beside_reference(pivot_df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Our average per label next to the paper's number for the same method name.
+
+    A label matches a reference row when the label's method name (the part before any
+    "(") equals the reference's ``method`` up to its first space, e.g. ``ties(density=0.2)``
+    ↔ ``ties``; unmatched labels and paper rows both stay, with the other side empty.
+    """
+    ours = pivot_df.reset_index()
+    label_col = ours.columns[0] if "label" not in ours.columns else "label"
+    ours = pd.DataFrame(
+        {
+            "method": ours[label_col].astype(str).str.split("(").str[0],
+            "ours (label)": ours[label_col].astype(str),
+            "ours (average)": ours.get("average"),
+        }
+    )
+    ref = reference.assign(method=reference["method"].astype(str).str.split(" ").str[0])
+    ref = ref.rename(
+        columns={"value": "paper value", "setup": "paper setup", "metric": "paper metric"}
+    )
+    cols = ["method", "paper", "paper setup", "paper metric", "paper value"]
+    merged = ours.merge(ref[cols], on="method", how="outer")
+    return merged.set_index("method")

@@ -13,6 +13,12 @@ Tensors arrive as float32 on the configured device; ``experts`` maps expert name
 expert's tensor, in the pool's expert order. Tensors the pool excludes from merging, and
 non-floating tensors, never reach the method: they are copied from the base.
 
+Data-dependent methods (AdaMerging, Sens-Merging) set ``needs_data = True`` and get one
+``fit(ctx)`` call after ``setup`` and before any pass. ``FitContext`` gives them the pool's
+tensors, whole models when a forward pass is needed, the tokenizer, unlabelled
+calibration prompts per task and a per-step logger; whatever they learn (coefficients)
+then drives the ordinary per-tensor ``merge_tensor``.
+
 ``report()`` returns whatever the method computed that belongs in the result record
 (coefficients, thresholds); it must be JSON-serialisable.
 """
@@ -21,11 +27,36 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class FitContext:
+    """What a data-dependent method may use in ``fit`` (built by the runner).
+
+    ``load_tensors(name)`` gives the base's and each expert's float32 tensor on ``device``;
+    ``build_model(member)`` gives a model (eval mode, on ``device``) holding that member's
+    weights ("base" or an expert name), e.g. as the module for
+    ``torch.func.functional_call``. ``calibration`` maps task name → unlabelled prompts;
+    ``expert_tasks`` maps expert → the tasks it specialises in. ``log(metrics, step)``
+    sends per-step metrics to the tracker (never fails).
+    """
+
+    expert_names: list[str]
+    expert_tasks: dict[str, list[str]]
+    tensor_names: list[str]
+    load_tensors: Callable[[str], tuple[Tensor, dict[str, Tensor]]]
+    build_model: Callable[[str], torch.nn.Module]
+    tokenizer: Any
+    calibration: dict[str, list[str]]
+    device: str = "cpu"
+    seed: int = 0
+    log: Callable[[dict[str, float], int], None] = field(default=lambda metrics, step: None)
 
 
 class MergeMethod(ABC):
@@ -33,6 +64,11 @@ class MergeMethod(ABC):
 
     name: ClassVar[str]
     stat_passes: ClassVar[int] = 0
+    needs_data: ClassVar[bool] = False
+
+    def fit(self, ctx: FitContext) -> None:
+        """Learn whatever the merge needs from data (only when ``needs_data``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not learn from data")
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
         """Called once before any pass with the pool's expert names and the run seed."""

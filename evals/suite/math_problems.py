@@ -1,0 +1,204 @@
+"""Math: two-step arithmetic word problems with small numbers (GSM8K-style, answers 0..20).
+
+Format (greedy generation until a newline; scored by exact match of the first integer);
+the problem is one line, wrapped here::
+
+    Problem: Tom has 5 apples. He gets 3 more and then gives away 2. How many apples does Tom
+    have now?
+    Answer: 6
+
+Eight templates, each two operations (``a + b - c``, ``a * b + c``, ``(a + b) * c``...).
+A problem's *key* is ``(template, a, b, c)``; names and objects are surface only. Per
+template, about a quarter of all valid keys are held out: the test split draws only from
+held-out keys and train/calibration only from the others, so no test computation (template
+and numbers) is ever seen in training, whatever the surface words.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from evals.suite.world import rng
+
+__all__ = ["DEFAULT_SIZES", "TASK", "TEMPLATES", "make_splits"]
+
+TASK = "mergelab_math"
+DEFAULT_SIZES = {"train": 3000, "test": 150, "calibration": 64}
+MAX_ANSWER = 20
+HELD_OUT_FRACTION = 0.25
+
+NAMES = (("Tom", "He"), ("Sam", "He"), ("Ben", "He"), ("Max", "He"), ("Leo", "He"),
+         ("Ana", "She"), ("Mia", "She"), ("Eva", "She"), ("Zoe", "She"),
+         ("Amy", "She"))  # fmt: skip
+OBJECTS = ("apples", "pens", "eggs", "cards", "books", "coins", "shells", "stamps", "cups")
+
+
+def _add(x: int, y: int) -> int:
+    return x + y
+
+
+def _sub(x: int, y: int) -> int:
+    return x - y
+
+
+def _mul(x: int, y: int) -> int:
+    return x * y
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    text: str  # placeholders: {n} name, {p} pronoun, {o} objects, {a} {b} {c}
+    first: Callable[[int, int], int]  # x = first(a, b)
+    second: Callable[[int, int], int]  # answer = second(x, c)
+    ranges: tuple[range, range, range]
+
+    def compute(self, a: int, b: int, c: int) -> int:
+        return self.second(self.first(a, b), c)
+
+
+TEMPLATES: tuple[Template, ...] = (
+    Template(
+        "add_sub",
+        "{n} has {a} {o}. {p} gets {b} more and then gives away {c}. "
+        "How many {o} does {n} have now?",
+        _add,
+        _sub,
+        (range(1, 13), range(1, 10), range(1, 22)),
+    ),
+    Template(
+        "sub_add",
+        "{n} has {a} {o}. {p} loses {b} and then finds {c} more. How many {o} does {n} have now?",
+        _sub,
+        _add,
+        (range(2, 16), range(1, 16), range(1, 10)),
+    ),
+    Template(
+        "add_add",
+        "{n} has {a} {o}. {p} gets {b} more and then {c} more. How many {o} does {n} have now?",
+        _add,
+        _add,
+        (range(1, 13), range(1, 10), range(1, 10)),
+    ),
+    Template(
+        "sub_sub",
+        "{n} has {a} {o}. {p} gives away {b} and then loses {c}. How many {o} does {n} have now?",
+        _sub,
+        _sub,
+        (range(3, 21), range(1, 10), range(1, 10)),
+    ),
+    Template(
+        "mul_add",
+        "{n} buys {a} bags with {b} {o} in each. Then {lp} gets {c} more. "
+        "How many {o} does {n} have now?",
+        _mul,
+        _add,
+        (range(2, 6), range(2, 6), range(1, 10)),
+    ),
+    Template(
+        "mul_sub",
+        "{n} buys {a} bags with {b} {o} in each. Then {lp} gives away {c}. "
+        "How many {o} does {n} have now?",
+        _mul,
+        _sub,
+        (range(2, 6), range(2, 6), range(1, 10)),
+    ),
+    Template(
+        "add_mul",
+        "{n} has {a} red boxes and {b} blue boxes. Each box has {c} {o}. "
+        "How many {o} does {n} have in all?",
+        _add,
+        _mul,
+        (range(2, 10), range(2, 10), range(2, 6)),
+    ),
+    Template(
+        "sub_mul",
+        "{n} has {a} bags and gives away {b} of them. Each bag has {c} {o}. "
+        "How many {o} does {n} have now?",
+        _sub,
+        _mul,
+        (range(2, 12), range(1, 10), range(2, 6)),
+    ),
+)
+
+
+def _keys(template: Template) -> list[tuple[int, int, int]]:
+    """Every ``(a, b, c)`` in the template's ranges whose intermediate result is in
+    1..MAX_ANSWER and whose answer is in 0..MAX_ANSWER."""
+    ra, rb, rc = template.ranges
+    return [
+        (a, b, c)
+        for a in ra
+        for b in rb
+        if 1 <= template.first(a, b) <= MAX_ANSWER
+        for c in rc
+        if 0 <= template.compute(a, b, c) <= MAX_ANSWER
+    ]
+
+
+def _doc(r: random.Random, doc_id: str, t_index: int, key: tuple[int, int, int]) -> dict:
+    template = TEMPLATES[t_index]
+    name, pronoun = r.choice(NAMES)
+    obj = r.choice(OBJECTS)
+    a, b, c = key
+    question = template.text.format(n=name, p=pronoun, lp=pronoun.lower(), o=obj, a=a, b=b, c=c)
+    answer = template.compute(a, b, c)
+    prompt = f"Problem: {question}\nAnswer:"
+    return {
+        "id": doc_id,
+        "prompt": prompt,
+        "target": f" {answer}",
+        "text": f"{prompt} {answer}",
+        "question": question,
+        "answer": answer,
+        "template": template.name,
+        "numbers": [a, b, c],
+    }
+
+
+def _draw(
+    r: random.Random, pools: list[list[tuple[int, int, int]]], n: int, split: str
+) -> list[dict]:
+    """``n`` docs, templates round-robin, keys cycling through each shuffled pool, surface
+    words random; a repeated full prompt is redrawn (a few times) to keep texts varied."""
+    pools = [r.sample(pool, len(pool)) for pool in pools]  # own order per split
+    docs: list[dict] = []
+    seen: set[str] = set()
+    cursors = [0] * len(pools)
+    live = [i for i, pool in enumerate(pools) if pool]
+    for i in range(n):
+        t = live[i % len(live)]
+        pool = pools[t]
+        for _attempt in range(8):
+            key = pool[cursors[t] % len(pool)]
+            cursors[t] += 1
+            doc = _doc(r, f"math-{split}-{i:05d}", t, key)
+            if doc["prompt"] not in seen:
+                break
+        seen.add(doc["prompt"])
+        docs.append(doc)
+    return docs
+
+
+def make_splits(seed: int, sizes: dict) -> dict[str, dict[str, list[dict]]]:
+    """``{TASK: {"train": [...], "calibration": [...], "test": [...]}}``; test keys are
+    disjoint from train and calibration keys."""
+    r = rng(seed, "math/split")
+    train_pools, test_pools = [], []
+    for template in TEMPLATES:
+        keys = _keys(template)
+        r.shuffle(keys)
+        n_out = max(1, round(len(keys) * HELD_OUT_FRACTION))
+        test_pools.append(keys[:n_out])
+        train_pools.append(keys[n_out:])
+    return {
+        TASK: {
+            "train": _draw(rng(seed, "math/train"), train_pools, int(sizes["train"]), "train"),
+            "calibration": _draw(
+                rng(seed, "math/calibration"), train_pools, int(sizes["calibration"]), "calibration"
+            ),
+            "test": _draw(rng(seed, "math/test"), test_pools, int(sizes["test"]), "test"),
+        }
+    }

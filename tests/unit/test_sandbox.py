@@ -1,0 +1,208 @@
+"""evals.sandbox.run_code: outcomes are classified right and misbehaving programs are contained.
+
+No test sends network traffic: every network attempt below must be stopped by the sandbox
+before a socket exists (and the child has no route out anyway when it gets a network
+namespace).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from evals.sandbox import SandboxResult, run_code
+
+SOLUTION = "def f(x):\n    return x + 3\n"
+TESTS = "\nassert f(0) == 3\nassert f(2) == 5\nassert f(-1) == 2\n"
+
+
+def _run(program: str, **kwargs) -> SandboxResult:
+    kwargs.setdefault("timeout_s", 5.0)
+    return run_code(program, **kwargs)
+
+
+def test_correct_solution_passes():
+    res = _run(SOLUTION + TESTS)
+    assert res == SandboxResult(True, "passed", "all tests passed", res.network_isolated)
+
+
+def test_wrong_solution_fails():
+    res = _run("def f(x):\n    return x + 4\n" + TESTS)
+    assert (res.passed, res.status) == (False, "failed")
+    assert "AssertionError" in res.detail
+
+
+@pytest.mark.parametrize(
+    "program, needle",
+    [
+        ("def f(x):\n    return x +\n" + TESTS, "SyntaxError"),
+        ("def f(x):\n    return y\n" + TESTS, "NameError"),
+        ("def f(x):\n    return x.upper()\n" + TESTS, "AttributeError"),
+        ("def f(x):\n\treturn x\n        return 1\n", "Error"),  # IndentationError
+    ],
+)
+def test_errors(program, needle):
+    res = _run(program)
+    assert (res.passed, res.status) == (False, "error")
+    assert needle in res.detail
+
+
+def test_stopping_early_is_not_a_pass():
+    for early in ("import sys\nsys.exit(0)\n", "import os\nos._exit(0)\n", "raise SystemExit\n"):
+        res = _run(SOLUTION + early + "assert False\n")
+        assert (res.passed, res.status) == (False, "failed"), early
+
+
+def test_output_is_allowed_and_bounded():
+    assert _run("print('hello')\n" + SOLUTION + TESTS).passed
+    res = _run("import sys\nsys.stdout.write('x' * (4 << 20))\n")  # 4 MiB > the 1 MiB file limit
+    assert not res.passed and res.status == "error" and "too large" in res.detail
+
+
+def test_infinite_loop_times_out():
+    start = time.monotonic()
+    res = _run("while True:\n    pass\n", timeout_s=1.0)
+    assert (res.passed, res.status) == (False, "timeout")
+    assert time.monotonic() - start < 4.0
+
+
+def test_sleeping_program_times_out_on_the_wall_clock():
+    res = _run("import time\ntime.sleep(30)\n", timeout_s=0.5)
+    assert res.status == "timeout" and "wall-clock" in res.detail
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "x = bytearray(10 ** 10)\n",
+        "x = []\nwhile True:\n    x.append(' ' * 10 ** 6)\n",
+    ],
+)
+def test_memory_bomb_is_contained(program):
+    res = _run(program, memory_mb=128)
+    assert (res.passed, res.status) == (False, "memory")
+
+
+@pytest.mark.parametrize(
+    "program, event",
+    [
+        (
+            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+            "s.connect(('127.0.0.1', 9))\n",
+            "socket",
+        ),
+        ("import socket\nsocket.create_connection(('example.com', 80), timeout=1)\n", "socket"),
+        ("import socket\nsocket.create_connection(('93.184.215.14', 80), timeout=1)\n", "socket"),
+        ("import urllib.request\nurllib.request.urlopen('http://example.com', timeout=1)\n", ""),
+    ],
+)
+def test_network_is_blocked_before_connecting(program, event):
+    res = _run(program)
+    assert (res.passed, res.status) == (False, "blocked"), res
+    assert event in res.detail
+
+
+def test_caught_violation_is_still_reported():
+    program = "try:\n    import socket\n    socket.socket()\nexcept Exception:\n    pass\n"
+    res = _run(program + SOLUTION + TESTS)
+    assert (res.passed, res.status) == (False, "blocked")
+
+
+def test_write_outside_the_sandbox_is_blocked(tmp_path: Path):
+    target = tmp_path / "pwned.txt"
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    attempts = [
+        f"open({str(target)!r}, 'w').write('x')\n",
+        f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n",
+        f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')\n",
+        f"import os\nos.chdir({str(tmp_path)!r})\nopen('pwned.txt', 'a')\n",
+        f"open('../../' * 20 + {str(target)[1:]!r}, 'w')\n",
+        f"import os\nos.remove({str(victim)!r})\n",
+        f"import os\nos.rename({str(victim)!r}, 'stolen.txt')\n",
+        f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n",
+        f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w')\n",
+        f"import os\nos.chmod({str(victim)!r}, 0o777)\n",
+    ]
+    for program in attempts:
+        res = _run(program)
+        assert (res.passed, res.status) == (False, "blocked"), (program, res)
+        assert not target.exists(), program
+        assert victim.read_text() == "precious", program
+
+
+def test_files_inside_the_sandbox_are_fine_and_removed(monkeypatch):
+    import evals.sandbox as sandbox
+
+    made: list[str] = []
+    real_mkdtemp = sandbox.tempfile.mkdtemp
+
+    def recording_mkdtemp(*args, **kwargs):
+        made.append(real_mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", recording_mkdtemp)
+    program = (
+        "import os, tempfile\n"
+        "open('scratch.txt', 'w').write('hi')\n"
+        "assert open('scratch.txt').read() == 'hi'\n"
+        "os.mkdir('d')\nos.rename('scratch.txt', 'd/s.txt')\nos.remove('d/s.txt')\n"
+        "with tempfile.TemporaryFile() as fh:\n    fh.write(b'x')\n"
+        "print(os.getcwd())\n"
+    )
+    res = _run(program + "open('left-behind.txt', 'w').write('x')\n")
+    assert res.passed, res
+    assert len(made) == 1 and not os.path.exists(made[0])  # the work directory is deleted
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "import subprocess\nsubprocess.run(['echo', 'hi'])\n",
+        "import os\nos.system('echo hi')\n",
+        "import os\nos.fork()\n",
+        "import os\nos.execv('/bin/echo', ['echo', 'hi'])\n",
+        "import os\nos.posix_spawn('/bin/echo', ['echo'], {})\n",
+        "import multiprocessing\nmultiprocessing.Process(target=print).start()\n",
+        "import pty\npty.fork()\n",
+        "import os, signal\nos.kill(os.getppid(), signal.SIGTERM)\n",
+    ],
+)
+def test_process_creation_is_blocked(program):
+    res = _run(program)
+    assert (res.passed, res.status) == (False, "blocked"), res
+
+
+def test_escapes_via_ctypes_and_the_hook_are_blocked():
+    for program in (
+        "import ctypes\nctypes.CDLL(None).system(b'echo hi')\n",
+        "import gc\n"
+        "hook = [o for o in gc.get_objects() if getattr(o, '__name__', '') ==\n"
+        "        '_mergelab_sandbox_hook'][0]\n"
+        "hook.__kwdefaults__ = {}\n",
+        "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n",
+    ):
+        res = _run(program)
+        assert (res.passed, res.status) == (False, "blocked"), (program, res)
+
+
+def test_environment_is_empty_and_isolated():
+    program = (
+        "import os, sys\n"
+        # Python's own C-locale coercion may add LC_CTYPE; nothing of the parent's leaks
+        "assert set(os.environ) <= {'LC_CTYPE'}, dict(os.environ)\n"
+        "assert sys.flags.isolated and sys.flags.no_site\n"
+        "assert not any('site-packages' in p for p in sys.path)\n"
+    )
+    assert _run(program).passed
+
+
+def test_argument_validation():
+    with pytest.raises(TypeError):
+        run_code(b"print(1)")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        run_code("pass", timeout_s=0)
+    assert run_code("a\x00b").status == "error"

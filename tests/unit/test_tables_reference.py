@@ -1,0 +1,32 @@
+"""Published numbers printed beside ours."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from harness.tables import RecordError, beside_reference, load_reference
+
+
+def test_reference_rows_match_by_method_name(tmp_path):
+    pivot = pd.DataFrame(
+        {"t": [0.5, 0.7], "average": [0.5, 0.7]},
+        index=pd.Index(["base", "ties(density=0.2)"], name="label"),
+    )
+    csv = tmp_path / "ref.csv"
+    csv.write_text(
+        "paper,arxiv,setup,method,task,metric,value,source\n"
+        "P,1,S,ties,average,acc,30.2,x\nP,1,S,metagpt,average,acc,31.5,x\n"
+    )
+    side = beside_reference(pivot, load_reference([csv]))
+    assert side.loc["ties", "ours (average)"] == 0.7
+    assert side.loc["ties", "paper value"] == 30.2
+    assert pd.isna(side.loc["metagpt", "ours (average)"])  # paper row kept, ours empty
+    assert pd.isna(side.loc["base", "paper value"])
+
+
+def test_reference_csv_missing_columns(tmp_path):
+    csv = tmp_path / "bad.csv"
+    csv.write_text("paper,method,value\nP,ties,1\n")
+    with pytest.raises(RecordError, match="lacks columns"):
+        load_reference([csv])
