@@ -48,8 +48,13 @@ def collect_main(argv: list[str] | None = None) -> None:
         default=[],
         help="published numbers (results/reference/*.csv) to print beside ours",
     )
+    p.add_argument(
+        "--only",
+        default=None,
+        help="regex: keep merge rows whose label matches (base/experts always kept)",
+    )
     args = p.parse_args(argv)
-    tables = collect(args.paths, args.out, metric=args.metric)
+    tables = collect(args.paths, args.out, metric=args.metric, only=args.only)
     print(tables["pivot"].to_markdown(floatfmt=".4f"))
     if "normalised" in tables and not tables["normalised"].empty:
         print("\nNormalised score (merged ÷ the expert on its own task):\n")

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from evals.calibration import calibration_prompts
 from evals.lm_eval import evaluate, validate_tasks, write_samples_jsonl
 from harness import records, tracking
+from harness.data import load_texts
 from harness.pool import ModelPool, parse_dtype
 from harness.stream import ShardedCheckpointWriter, execute, model_card
 from methods.base import FitContext, MergeMethod
@@ -263,6 +264,8 @@ def _fit_context(
         device=device,
         seed=c["seed"],
         log=lambda metrics, step: tracker.log_metrics(metrics, step=step),
+        load_texts=load_texts,
+        cache_dir=Path(c["runs_dir"]) / ".train_cache",
     )
 
 

@@ -507,17 +507,22 @@ def collect(
     out_dir: str | Path,
     metric: str | None = None,
     formats: Iterable[str] = ("md", "csv", "tex"),
+    only: str | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Load records, build the tables and write them to ``out_dir``.
 
     Writes ``tidy.csv``, ``pivot.*`` and ``normalised.*`` (see :func:`export`) and
-    ``scores.png``; returns ``{"tidy", "pivot", "normalised"}``.
+    ``scores.png``; returns ``{"tidy", "pivot", "normalised"}``. ``only`` (a regex) keeps the
+    merge rows whose label it matches; base and expert reference rows are always kept.
     """
     paths = _as_paths(paths)
     records = load_records(paths)
     if not records:
         raise ValueError(f"no complete result.json under {[str(p) for p in paths]}")
     df = tidy(records)
+    if only is not None:
+        reference = df["method"] == "pretrained"
+        df = df[reference | df["label"].str.fullmatch(only)].reset_index(drop=True)
     tables = {"pivot": pivot(df, metric), "normalised": normalised(df, metric)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -55,15 +55,15 @@ class Recipe:
     pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
     pretrain_batch: int = 64
-    category_share: float = 0.08  # of each category in pretraining (rest: general text)
-    expert_steps: int = 200
-    expert_lr: float = 1e-3
-    expert_batch: int = 64
+    category_share: float = 0.03  # of each category in pretraining (rest: general text)
+    expert_steps: int = 400
+    expert_lr: float = 5e-4
+    expert_batch: int = 32
     own_share: float = 0.8  # expert data: own category; the rest is the pretraining mix
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_steps: int = 200
-    lora_lr: float = 3e-3
+    lora_steps: int = 300
+    lora_lr: float = 2e-3
     eval_limit: int | None = None
 
 
@@ -185,6 +185,7 @@ def build_zoo(
         lora.save_pretrained(tmp / "lora" / cat)
         manifest["models"][f"lora_{cat}"] = _entry(lora, stats, seed + 11 + i, trainable=True)
         model = lora.unload()  # peft wraps in place: take the plain base model back
+        model.requires_grad_(True)  # get_peft_model froze the base weights
 
     manifest["build_seconds"] = round(time.perf_counter() - start, 1)
     manifest["geometry"] = task_vector_geometry(tmp)
@@ -200,13 +201,19 @@ def _eol(text: str) -> str:
 
 
 def train_tokenizer(texts: list[str], recipe: Recipe, out: Path):
-    """A byte-level BPE tokenizer trained on ``texts``, saved to ``out``."""
+    """A byte-level BPE tokenizer trained on ``texts`` (numbers split into single digits,
+    as LLaMA's tokenizer does, so arithmetic is learnable), saved to ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [  # digits one by one, as LLaMA's tokenizer
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=recipe.vocab_size,

@@ -29,6 +29,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +45,10 @@ class FitContext:
     weights ("base" or an expert name), e.g. as the module for
     ``torch.func.functional_call``. ``calibration`` maps task name → unlabelled prompts;
     ``expert_tasks`` maps expert → the tasks it specialises in. ``log(metrics, step)``
-    sends per-step metrics to the tracker (never fails).
+    sends per-step metrics to the tracker (never fails). Training methods get
+    ``load_texts(spec)`` (training texts from a data spec, see ``harness/data.py``) and
+    ``cache_dir``, where trained models are kept by a hash of their recipe so that a sweep
+    over merge options trains once, and an interrupted training resumes.
     """
 
     expert_names: list[str]
@@ -57,6 +61,8 @@ class FitContext:
     device: str = "cpu"
     seed: int = 0
     log: Callable[[dict[str, float], int], None] = field(default=lambda metrics, step: None)
+    load_texts: Callable[[Mapping[str, Any]], list[str]] | None = None
+    cache_dir: Path | None = None
 
 
 class MergeMethod(ABC):

@@ -1,11 +1,12 @@
 """Math: two-step arithmetic word problems with small numbers (GSM8K-style, answers 0..20).
 
-Format (greedy generation until a newline; scored by exact match of the first integer);
-the problem is one line, wrapped here::
+Format (greedy generation until a newline); the problem is one line, wrapped here. As in
+GSM8K, the answer works the steps before the final number, one operation per step, and is
+scored by exact match of the number after the last "So"::
 
     Problem: Tom has 5 apples. He gets 3 more and then gives away 2. How many apples does Tom
     have now?
-    Answer: 6
+    Answer: 5 + 3 = 8, 8 - 2 = 6. So 6
 
 Eight templates, each two operations (``a + b - c``, ``a * b + c``, ``(a + b) * c``...).
 A problem's *key* is ``(template, a, b, c)``; names and objects are surface only. Per
@@ -45,6 +46,9 @@ def _sub(x: int, y: int) -> int:
 
 def _mul(x: int, y: int) -> int:
     return x * y
+
+
+_SYMBOL: dict[Callable[[int, int], int], str] = {_add: "+", _sub: "-", _mul: "*"}
 
 
 @dataclass(frozen=True)
@@ -145,12 +149,15 @@ def _doc(r: random.Random, doc_id: str, t_index: int, key: tuple[int, int, int])
     a, b, c = key
     question = template.text.format(n=name, p=pronoun, lp=pronoun.lower(), o=obj, a=a, b=b, c=c)
     answer = template.compute(a, b, c)
+    x = template.first(a, b)
+    s1, s2 = _SYMBOL[template.first], _SYMBOL[template.second]
+    target = f" {a} {s1} {b} = {x}, {x} {s2} {c} = {answer}. So {answer}"
     prompt = f"Problem: {question}\nAnswer:"
     return {
         "id": doc_id,
         "prompt": prompt,
-        "target": f" {answer}",
-        "text": f"{prompt} {answer}",
+        "target": target,
+        "text": prompt + target,
         "question": question,
         "answer": answer,
         "template": template.name,

@@ -23,7 +23,7 @@ from evals.sandbox import run_code
 __all__ = [
     "CODE_TIMEOUT_S",
     "build_program",
-    "extract_first_int",
+    "extract_answer",
     "first_generation",
     "process_code",
     "process_math",
@@ -49,18 +49,24 @@ def first_generation(results: Any) -> str:
     return ""
 
 
-def extract_first_int(text: Any) -> int | None:
-    """The first integer (optionally negative) in ``text``, or None (GSM8K-style answer
-    extraction: ``" 12 apples"`` → 12, ``"x = -3"`` → -3, ``"none"`` → None)."""
+def extract_answer(text: Any) -> int | None:
+    """The final answer of a worked solution: the integer after the last "So", else the last
+    integer (GSM8K's convention of a marked final answer); None if there is no integer.
+    ``" 5 + 3 = 8, 8 - 2 = 6. So 6"`` → 6, ``" 12 apples"`` → 12, ``"none"`` → None."""
     if not isinstance(text, str):
         return None
-    match = _INT.search(text)
-    return int(match.group()) if match else None
+    if "So" in text:
+        after = _INT.findall(text.rsplit("So", 1)[1])
+        if after:
+            return int(after[0])
+    found = _INT.findall(text)
+    return int(found[-1]) if found else None
 
 
 def process_math(doc: Mapping[str, Any], results: Any) -> dict[str, float]:
-    """``exact_match``: 1.0 if the first integer of the generation equals ``doc["answer"]``."""
-    predicted = extract_first_int(first_generation(results))
+    """``exact_match``: 1.0 if the generation's final answer (:func:`extract_answer`)
+    equals ``doc["answer"]``."""
+    predicted = extract_answer(first_generation(results))
     return {"exact_match": float(predicted is not None and predicted == int(doc["answer"]))}
 
 

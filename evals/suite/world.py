@@ -24,7 +24,7 @@ __all__ = [
     "rng",
 ]
 
-SUITE_VERSION = "1"  # mirrored by evals.suite.build.SUITE_VERSION (kept here to avoid a cycle)
+SUITE_VERSION = "2"  # 2: benign safety look-alikes split by frame; math answers show steps
 
 
 def rng(seed: int, purpose: str) -> random.Random:

@@ -202,3 +202,41 @@ def test_collect_prints_and_writes_tables(sweep, tiny_pool, tmp_path):
         assert (out / f).is_file(), f
     ta = results(sweep)["task_arithmetic"]["scores"]
     assert f"{ta['tiny_add']['acc']:.4f}" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["method=metagpt_ties", "stream=true", "max_shard_size=20KB"],
+        ["method=adamerging_layerwise_pp", "method.steps=3", "method.batch_size=4"],
+        ["method=sens_ties", "method.n_calibration=4"],
+    ],
+    ids=["metagpt_ties-streamed", "adamerging_layerwise_pp", "sens_ties"],
+)
+def test_seed_methods_run_from_the_cli(tiny_pool, tmp_path, method):
+    runs = tmp_path / "runs"
+    mergelab(tiny_pool["conf"], runs, *method, "task.calibration={split: test, n: 8}")
+    (r,) = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
+    report = r["method"]["report"]
+    assert set(r["scores"]) == {"tiny_add", "tiny_color"}
+    if r["method"]["name"] == "metagpt":
+        assert sum(report["coefficients"].values()) == pytest.approx(1.0)
+    elif r["method"]["name"] == "adamerging":
+        run = read_offline_run(runs / r["cell_id"])
+        assert len(run["history"]) >= 3  # entropy logged per step
+    assert "calibration" in r["timings"] or r["method"]["name"] == "metagpt"
+
+
+def test_collect_only_keeps_matching_merges(sweep, tiny_pool, tmp_path):
+    proc = mergelab(
+        tiny_pool["conf"],
+        sweep,
+        str(sweep),
+        "--out",
+        str(tmp_path),
+        "--only",
+        "ties",
+        exe="mergelab-collect",
+    )
+    pivot = proc.stdout.split("Normalised")[0]
+    assert "| ties" in pivot and "task_arithmetic" not in pivot and "weight_average" not in pivot

@@ -106,7 +106,12 @@ def write_conf(conf_dir: Path, dirs: dict[str, Path], task_dir: Path) -> Path:
         "exclude": [],
         "trust_remote_code": False,
     }
-    task = {"tasks": ["tiny_add", "tiny_color"], "include_path": str(task_dir), "num_fewshot": None}
+    task = {
+        "tasks": ["tiny_add", "tiny_color"],
+        "include_path": str(task_dir),
+        "num_fewshot": None,
+        "calibration": {"split": "test", "n": 8},
+    }
     (conf_dir / "model" / "tiny.yaml").write_text(yaml.safe_dump(model, sort_keys=False))
     (conf_dir / "task" / "tiny.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
     return conf_dir

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evals.suite import build as build_mod
-from evals.suite import code_tasks, math_problems, safety_prompts
+from evals.suite import code_tasks, math_problems, safety_prompts, scoring
 from evals.suite.build import (
     SPLITS,
     SUITE_VERSION,
@@ -56,7 +56,7 @@ def _data_files(root: Path) -> dict[str, bytes]:
 
 def test_layout_manifest_and_sizes(suite):
     manifest = json.loads((suite / "manifest.json").read_text())
-    assert manifest["suite_version"] == SUITE_VERSION == "1"
+    assert manifest["suite_version"] == SUITE_VERSION
     assert manifest["seed"] == 0
     assert manifest["sizes"] == resolve_sizes(None)
     assert manifest["root"] == str(suite)
@@ -211,30 +211,23 @@ def test_formats_are_distinct_and_short(suite):
         others = {p for t, p in prefixes.items() if p != prefix}
         for text in training_texts(suite, task):
             assert not any(text.startswith(o) for o in others)
-            assert len(text.split()) <= 32, text
+            assert len(text.split()) <= 40, text
     for story in general_texts(suite):
         assert not story.startswith(tuple(prefixes.values())) and "\n" not in story
         assert len(story.split()) <= 40
 
 
-def test_bpe_token_lengths(suite):
-    """A ~2k byte-level BPE trained on the suite keeps every prompt + answer <= 48 tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def test_token_lengths_fit_the_zoo(suite, tmp_path):
+    """With the xs zoo's own tokenizer, every prompt + answer fits its max_length."""
+    from harness.zoo import RECIPES, train_tokenizer
 
+    recipe = RECIPES["xs"]
     texts = [t for c in TASKS for t in training_texts(suite, c)] + general_texts(suite)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=2048, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer)
+    tok = train_tokenizer(texts, recipe, tmp_path / "tok")
     for task in ALL_TASKS:
         for split in SPLITS:
-            longest = max(len(tok.encode(r["text"]).ids) for r in load_split(suite, task, split))
-            assert longest <= 48, (task, split, longest)
-
-
-# --------------------------------------------------------------------------- categories
+            longest = max(len(tok(r["text"])["input_ids"]) for r in load_split(suite, task, split))
+            assert longest <= recipe.max_length, (task, split, longest)
 
 
 def test_knowledge_memorisation_design(suite):
@@ -279,7 +272,10 @@ def test_math_answers_and_key_disjointness(suite):
             assert d["answer"] == t.compute(a, b, c)
             assert 0 <= d["answer"] <= math_problems.MAX_ANSWER
             assert 1 <= t.first(a, b) <= math_problems.MAX_ANSWER
-            assert d["target"] == f" {d['answer']}"
+            x = t.first(a, b)
+            assert d["target"].startswith(f" {a} ") and f"= {x}, {x} " in d["target"]
+            assert d["target"].endswith(f" = {d['answer']}. So {d['answer']}")
+            assert scoring.extract_answer(d["target"]) == d["answer"]
             assert d["prompt"].endswith("\nAnswer:")
         keys[split] = {(d["template"], *d["numbers"]) for d in docs}
         assert {d["template"] for d in docs} == set(templates)
@@ -307,13 +303,26 @@ def test_code_key_disjointness_and_tests(suite):
         exec(d["text"] + "\n" + "\n".join(d["tests"]), namespace)  # noqa: S102
 
 
-def test_safety_split_by_act(suite):
+def _frame(doc: dict) -> str:
+    return next(f for f in safety_prompts.FRAMES if f.format(a=doc["act"]) == doc["request"])
+
+
+def test_safety_splits(suite):
+    """Harmful test acts are unseen; benign test frames are unseen (acts are idioms)."""
+    harm = {s: load_split(suite, "mergelab_safety_harmful", s) for s in SPLITS}
+    acts = {s: {d["act"] for d in docs} for s, docs in harm.items()}
+    assert acts["test"].isdisjoint(acts["train"] | acts["calibration"])
+    assert {_frame(d) for d in harm["test"]} == set(safety_prompts.FRAMES)
+    benign = {s: load_split(suite, "mergelab_safety_benign", s) for s in SPLITS}
+    frames = {s: {_frame(d) for d in docs} for s, docs in benign.items()}
+    assert len(frames["test"]) == safety_prompts.BENIGN_TEST_FRAMES
+    assert frames["test"].isdisjoint(frames["train"] | frames["calibration"])
+    requests = {s: {d["request"] for d in docs} for s, docs in benign.items()}
+    assert requests["test"].isdisjoint(requests["train"] | requests["calibration"])
     for task, label in (
         ("mergelab_safety_harmful", "harmful"),
         ("mergelab_safety_benign", "benign"),
     ):
-        acts = {split: {d["act"] for d in load_split(suite, task, split)} for split in SPLITS}
-        assert acts["test"].isdisjoint(acts["train"] | acts["calibration"])
         for split in SPLITS:
             docs = load_split(suite, task, split)
             assert {d["label"] for d in docs} == {label}

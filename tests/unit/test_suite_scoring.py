@@ -7,7 +7,7 @@ import pytest
 from evals.suite import scoring
 from evals.suite.scoring import (
     build_program,
-    extract_first_int,
+    extract_answer,
     first_generation,
     process_code,
     process_math,
@@ -37,9 +37,12 @@ def test_first_generation_and_int_extraction():
     assert (
         first_generation([]) == "" and first_generation(None) == "" and first_generation([3]) == ""
     )
-    assert extract_first_int(" 12 apples") == 12
-    assert extract_first_int("x = -3, then 4") == -3
-    assert extract_first_int("six") is None and extract_first_int(None) is None
+    assert extract_answer(" 12 apples") == 12
+    assert extract_answer(" 5 + 3 = 8, 8 - 2 = 6. So 6") == 6
+    assert extract_answer("x = -3, then 4") == 4  # no "So": the last integer
+    assert extract_answer("So it is 7, not 9") == 7  # the first integer after the last "So"
+    assert extract_answer("So what? 3 - 1 = 2") == 3
+    assert extract_answer("six") is None and extract_answer(None) is None
 
 
 @pytest.mark.parametrize(
@@ -53,7 +56,10 @@ def test_first_generation_and_int_extraction():
         ([" 7"], 0.0),
         ([" 16"], 0.0),
         ([" -6"], 0.0),
-        ([" 5 + 1 = 6"], 0.0),  # the first integer counts
+        ([" 5 + 1 = 6"], 1.0),  # without "So" the last integer is the answer
+        ([" 2 + 4 = 6, 6 - 0 = 6. So 6"], 1.0),
+        ([" 2 + 4 = 6, 6 - 1 = 5. So 5"], 0.0),
+        ([" 2 + 4 = 7. So 6"], 1.0),  # only the final answer is scored
         ([" six"], 0.0),
         ([""], 0.0),
         ([], 0.0),
