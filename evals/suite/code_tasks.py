@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from evals.suite.world import rng
+from evals.suite.world import split_by_key
 
 __all__ = ["DEFAULT_SIZES", "TASK", "TEMPLATES", "make_splits"]
 
@@ -207,20 +207,5 @@ def _draw(r: random.Random, pools: list[list[Any]], n: int, split: str) -> list[
 def make_splits(seed: int, sizes: dict) -> dict[str, dict[str, list[dict]]]:
     """``{TASK: {"train": [...], "calibration": [...], "test": [...]}}``; test (template, k)
     keys are disjoint from train and calibration keys."""
-    r = rng(seed, "code/split")
-    train_pools, test_pools = [], []
-    for template in TEMPLATES:
-        constants = list(template.constants)
-        r.shuffle(constants)
-        n_out = max(1, round(len(constants) * HELD_OUT_FRACTION))
-        test_pools.append(constants[:n_out])
-        train_pools.append(constants[n_out:])
-    return {
-        TASK: {
-            "train": _draw(rng(seed, "code/train"), train_pools, int(sizes["train"]), "train"),
-            "calibration": _draw(
-                rng(seed, "code/calibration"), train_pools, int(sizes["calibration"]), "calibration"
-            ),
-            "test": _draw(rng(seed, "code/test"), test_pools, int(sizes["test"]), "test"),
-        }
-    }
+    pools = [template.constants for template in TEMPLATES]
+    return split_by_key(seed, "code", TASK, pools, _draw, sizes, HELD_OUT_FRACTION)

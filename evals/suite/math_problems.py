@@ -21,7 +21,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from evals.suite.world import rng
+from evals.suite.world import split_by_key
 
 __all__ = ["DEFAULT_SIZES", "TASK", "TEMPLATES", "make_splits"]
 
@@ -192,20 +192,5 @@ def _draw(
 def make_splits(seed: int, sizes: dict) -> dict[str, dict[str, list[dict]]]:
     """``{TASK: {"train": [...], "calibration": [...], "test": [...]}}``; test keys are
     disjoint from train and calibration keys."""
-    r = rng(seed, "math/split")
-    train_pools, test_pools = [], []
-    for template in TEMPLATES:
-        keys = _keys(template)
-        r.shuffle(keys)
-        n_out = max(1, round(len(keys) * HELD_OUT_FRACTION))
-        test_pools.append(keys[:n_out])
-        train_pools.append(keys[n_out:])
-    return {
-        TASK: {
-            "train": _draw(rng(seed, "math/train"), train_pools, int(sizes["train"]), "train"),
-            "calibration": _draw(
-                rng(seed, "math/calibration"), train_pools, int(sizes["calibration"]), "calibration"
-            ),
-            "test": _draw(rng(seed, "math/test"), test_pools, int(sizes["test"]), "test"),
-        }
-    }
+    pools = [_keys(template) for template in TEMPLATES]
+    return split_by_key(seed, "math", TASK, pools, _draw, sizes, HELD_OUT_FRACTION)

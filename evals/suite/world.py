@@ -13,7 +13,9 @@ Python hashes with SHA-512 (independent of ``PYTHONHASHSEED`` and of the platfor
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "ATTRIBUTES",
@@ -137,3 +139,32 @@ def make_world(seed: int, n_entities: int = 64) -> World:
         for i, name in enumerate(names)
     )
     return World(seed=seed, entities=entities)
+
+
+def split_by_key(
+    seed: int,
+    name: str,
+    task: str,
+    key_pools: Sequence[Sequence[Any]],
+    draw: Callable[[random.Random, list[list[Any]], int, str], list[dict]],
+    sizes: Mapping[str, int],
+    held_out: float,
+) -> dict[str, dict[str, list[dict]]]:
+    """Hold out a ``held_out`` share (at least one) of each pool's keys for the test split;
+    train and calibration draw from the rest. Each split has its own seeded generator, so
+    ``{task: {split: docs}}`` is deterministic from ``(seed, name)``."""
+    r = rng(seed, f"{name}/split")
+    train_pools, test_pools = [], []
+    for pool in key_pools:
+        keys = list(pool)
+        r.shuffle(keys)
+        n_out = max(1, round(len(keys) * held_out))
+        test_pools.append(keys[:n_out])
+        train_pools.append(keys[n_out:])
+    pools = {"train": train_pools, "calibration": train_pools, "test": test_pools}
+    return {
+        task: {
+            split: draw(rng(seed, f"{name}/{split}"), pools[split], int(sizes[split]), split)
+            for split in ("train", "calibration", "test")
+        }
+    }
