@@ -105,9 +105,9 @@ def test_adamerging_pp_beats_plain(runs):
 
 
 def test_sens_merging_improves_each_base_method(runs):
-    for base, alone in (
-        ("task_arithmetic", "TaskArithmetic"),
-        ("ties", "TIES"),
-        ("dare_linear", "DARELinear:0.5"),
+    for sens, alone in (
+        ("SensMerging:task_arithmetic", "TaskArithmetic"),
+        ("SensMerging:ties", "TIES"),
+        ("SensMerging:dare_linear:0.5", "DARELinear:0.5"),
     ):
-        assert runs[f"SensMerging:{base}"]["avg"] >= runs[alone]["avg"] - TOL, base
+        assert runs[sens]["avg"] >= runs[alone]["avg"] - TOL, sens
