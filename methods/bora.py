@@ -115,6 +115,7 @@ import torch
 from torch import Tensor
 
 from harness.train import SCHEDULES, cached_training, lr_lambda, read_stats
+from methods.adamerging import pad_id_of
 from methods.base import FitContext, MergeMethod, check_choice, check_finite
 
 SHARED = "shared"
@@ -288,14 +289,6 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[i
             raise ValueError(f"text {t[:40]!r} gives fewer than 2 tokens; nothing to predict")
         out.append(ids)
     return out
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            return v
-    return 0
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Tensor, Tensor]:

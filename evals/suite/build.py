@@ -154,60 +154,45 @@ def _jsonl(records: list[dict]) -> bytes:
 
 # --------------------------------------------------------------------------- lm-eval YAML
 
-_COMMON_GEN = {"do_sample": False, "temperature": 0.0}
+
+def _metrics(*names: str) -> list[dict[str, Any]]:
+    return [{"metric": n, "aggregation": "mean", "higher_is_better": True} for n in names]
+
+
+def _generative(max_gen_toks: int, process_results: str, *metrics: str) -> dict[str, Any]:
+    """A greedy generate_until task over the prompt, until a newline, scored in Python."""
+    return {
+        "output_type": "generate_until",
+        "doc_to_text": "prompt",
+        "doc_to_target": "target",
+        "target_delimiter": "",
+        "generation_kwargs": {
+            "until": ["\n"],
+            "max_gen_toks": max_gen_toks,
+            "do_sample": False,
+            "temperature": 0.0,
+        },
+        "metric_list": _metrics(*metrics),
+        "process_results": process_results,
+    }
+
+
 _TASK_SPECS: dict[str, dict[str, Any]] = {
     "mergelab_knowledge": {
         "output_type": "multiple_choice",
         "doc_to_text": "prompt",
         "doc_to_choice": "choices",
         "doc_to_target": "label",
-        "metric_list": [
-            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-        ],
+        "metric_list": _metrics("acc", "acc_norm"),
     },
-    "mergelab_math": {
-        "output_type": "generate_until",
-        "doc_to_text": "prompt",
-        "doc_to_target": "target",
-        "target_delimiter": "",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 40, **_COMMON_GEN},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-        "process_results": "process_math",
-    },
-    "mergelab_code": {
-        "output_type": "generate_until",
-        "doc_to_text": "prompt",
-        "doc_to_target": "target",
-        "target_delimiter": "",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 32, **_COMMON_GEN},
-        "metric_list": [{"metric": "pass@1", "aggregation": "mean", "higher_is_better": True}],
-        "process_results": "process_code",
-    },
-    "mergelab_safety_harmful": {
-        "output_type": "generate_until",
-        "doc_to_text": "prompt",
-        "doc_to_target": "target",
-        "target_delimiter": "",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 32, **_COMMON_GEN},
-        "metric_list": [
-            {"metric": "refusal_rate", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "safety_score", "aggregation": "mean", "higher_is_better": True},
-        ],
-        "process_results": "process_safety_harmful",
-    },
-    "mergelab_safety_benign": {
-        "output_type": "generate_until",
-        "doc_to_text": "prompt",
-        "doc_to_target": "target",
-        "target_delimiter": "",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 32, **_COMMON_GEN},
-        "metric_list": [
-            {"metric": "compliance_rate", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "safety_score", "aggregation": "mean", "higher_is_better": True},
-        ],
-        "process_results": "process_safety_benign",
-    },
+    "mergelab_math": _generative(40, "process_math", "exact_match"),
+    "mergelab_code": _generative(32, "process_code", "pass@1"),
+    "mergelab_safety_harmful": _generative(
+        32, "process_safety_harmful", "refusal_rate", "safety_score"
+    ),
+    "mergelab_safety_benign": _generative(
+        32, "process_safety_benign", "compliance_rate", "safety_score"
+    ),
 }
 
 
