@@ -3,7 +3,9 @@
 Only the model input (``doc_to_text``) of each doc is used, never its target, as in
 AdaMerging's test-time adaptation on unlabelled inputs. ``split`` picks the docs:
 "validation" (the built-in suite exposes its ``calibration`` split there), "test" or
-"train"; a task that lacks the split is an error naming the splits it has.
+"train", or a list of them in order of preference (each task uses the first it has, e.g.
+``[validation, test]`` for a mix of tasks with and without a validation split); a task
+that has none of them is an error naming the splits it has.
 """
 
 from __future__ import annotations
@@ -34,23 +36,27 @@ def calibration_prompts(
     tasks: Sequence[str],
     task_manager: TaskManager,
     *,
-    split: str = "validation",
+    split: str | Sequence[str] = "validation",
     n: int = 64,
     seed: int = 0,
 ) -> dict[str, list[str]]:
     """Up to ``n`` prompts per task (a seeded sample when the split holds more)."""
-    if split not in _SPLITS:
-        raise ValueError(f"calibration split {split!r} is unknown; use one of {sorted(_SPLITS)}")
-    has, get = _SPLITS[split]
+    order = [split] if isinstance(split, str) else list(split)
+    bad = [s for s in order if s not in _SPLITS]
+    if bad or not order:
+        raise ValueError(
+            f"calibration split {split!r} is unknown; use one of {sorted(_SPLITS)} or a list"
+        )
     out: dict[str, list[str]] = {}
     for name, task in _leaf_tasks(get_task_dict(list(tasks), task_manager)).items():
-        if not getattr(task, has)():
-            have = [s for s, (h, _) in _SPLITS.items() if getattr(task, h)()]
+        have = [s for s, (h, _) in _SPLITS.items() if getattr(task, h)()]
+        chosen = next((s for s in order if s in have), None)
+        if chosen is None:
             raise ValueError(
-                f"task {name!r} has no {split} docs for calibration (it has {have}); "
-                f"set task.calibration.split to one of those"
+                f"task {name!r} has no {' or '.join(order)} docs for calibration (it has "
+                f"{have}); set task.calibration.split to one of those, or a list of them"
             )
-        docs = list(getattr(task, get)())
+        docs = list(getattr(task, _SPLITS[chosen][1])())
         if len(docs) > n:
             docs = random.Random(seed).sample(docs, n)
         prompts = [task.doc_to_text(d) for d in docs]

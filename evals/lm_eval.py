@@ -460,7 +460,7 @@ def evaluate(
     *,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     task_manager: TaskManager | None = None,
-    num_fewshot: int | None = None,
+    num_fewshot: int | Mapping[str, int] | None = None,
     limit: int | float | None = None,
     batch_size: int | str = 1,
     device: str | torch.device | None = None,
@@ -482,8 +482,10 @@ def evaluate(
         include_path: directory(ies) with custom task YAML (used when no ``task_manager``
             is given, or it lacks a requested name).
         task_manager: the manager :func:`validate_tasks` returned (avoids re-indexing).
-        num_fewshot: override every task's few-shot count (None = task default, else 0).
-            lm-eval never overrides a task whose YAML sets ``num_fewshot: 0``.
+        num_fewshot: override every task's few-shot count (None = task default, else 0;
+            lm-eval never overrides a task whose YAML sets ``num_fewshot: 0``), or a mapping
+            ``{task_or_group: count}`` that sets each named entry (every member of a group)
+            to its count, even over a YAML's 0; unnamed tasks keep their defaults.
         limit: first N docs per task (int), or a fraction in (0, 1] of each task's docs.
         batch_size: int, or lm-eval's ``"auto"`` / ``"auto:N"``.
         device: where to run. ``None`` = wherever the model already is. HFLM ignores
@@ -529,9 +531,13 @@ def evaluate(
         softmax_dtype=torch.float32,
     )
     with _preserve_global_rng(), _no_datasets_download_ping():
+        specs: list[Any] = list(names)
+        if isinstance(num_fewshot, Mapping):
+            specs = _with_fewshot(names, num_fewshot, task_manager)
+            num_fewshot = None
         raw = lm_eval.simple_evaluate(
             model=lm,
-            tasks=names,
+            tasks=specs,
             task_manager=task_manager,
             num_fewshot=num_fewshot,
             limit=limit,
@@ -548,6 +554,32 @@ def evaluate(
     if raw is None:  # only non-zero ranks get None; we always run single-process
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     return _build_result(raw)
+
+
+def _with_fewshot(
+    names: Sequence[str], counts: Mapping[str, int], task_manager: TaskManager
+) -> list[Any]:
+    """``names`` with each one in ``counts`` replaced by its built Task / Group objects whose
+    leaf tasks carry that few-shot count (lm-eval's ``simple_evaluate`` takes both)."""
+    unknown = sorted(set(counts) - set(names))
+    if unknown:
+        raise ValueError(
+            f"num_fewshot names {unknown}, which are not among the requested tasks {list(names)}; "
+            "per-task few-shot counts must use the task (or group) names of task.tasks"
+        )
+    specs: list[Any] = []
+    for name in names:
+        if name not in counts:
+            specs.append(name)
+            continue
+        count = counts[name]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"num_fewshot[{name!r}] must be an int >= 0, got {count!r}")
+        loaded = task_manager.load(name)
+        for task in loaded["tasks"].values():
+            task.set_config(key="num_fewshot", value=count)
+        specs.append(loaded["groups"].get(name) or list(loaded["tasks"].values()))
+    return [s for spec in specs for s in (spec if isinstance(spec, list) else [spec])]
 
 
 # --------------------------------------------------------------------------- samples file

@@ -84,7 +84,7 @@ def run_cell(cfg: DictConfig, *, sweep: str | None = None) -> dict[str, Any] | N
         fit_context = None
         if method.needs_data:
             with _timed(timings, "calibration"):
-                fit_context = _fit_context(c, pool, tokenizer, task_manager, tracker)
+                fit_context = _fit_context(c, pool, method, tokenizer, task_manager, tracker)
         model, digest = _merge(c, pool, method, record, cell_dir / "merged", timings, fit_context)
         record["method"]["report"] = method.report()
         record["weights_sha256"] = digest
@@ -221,19 +221,29 @@ def _tracker(
 
 
 def _fit_context(
-    c: dict[str, Any], pool: ModelPool, tokenizer: Any, task_manager: Any, tracker: Any
+    c: dict[str, Any],
+    pool: ModelPool,
+    method: MergeMethod,
+    tokenizer: Any,
+    task_manager: Any,
+    tracker: Any,
 ) -> FitContext:
-    """Tensors, models, calibration prompts and a logger for a data-dependent method."""
+    """Tensors, models, calibration prompts (for methods that read them: not the training
+    workflows, whose tasks may have no calibration split) and a logger."""
     from transformers import AutoModelForCausalLM
 
     device = c["device"]
     cal = c["task"].get("calibration") or {}
-    prompts = calibration_prompts(
-        list(c["task"]["tasks"]),
-        task_manager,
-        split=cal.get("split", "validation"),
-        n=int(cal.get("n", 64)),
-        seed=c["seed"],
+    prompts = (
+        calibration_prompts(
+            list(c["task"]["tasks"]),
+            task_manager,
+            split=cal.get("split", "validation"),
+            n=int(cal.get("n", 64)),
+            seed=c["seed"],
+        )
+        if method.needs_calibration
+        else {}
     )
     names = [n for n in pool.tensor_names() if pool.is_merged(n)]
 

@@ -71,6 +71,7 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     stat_passes: ClassVar[int] = 0
     needs_data: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = True  # read the tasks' unlabelled prompts in fit
 
     def fit(self, ctx: FitContext) -> None:
         """Learn whatever the merge needs from data (only when ``needs_data``)."""

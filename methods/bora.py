@@ -657,6 +657,7 @@ class BoRA(MergeMethod):
 
     name = "bora"
     needs_data = True
+    needs_calibration = False  # trains on its own data specs, scored on any tasks
 
     def __init__(
         self,

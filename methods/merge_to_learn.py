@@ -239,6 +239,7 @@ class MergeToLearn(MergeMethod):
 
     name = "merge_to_learn"
     needs_data = True
+    needs_calibration = False  # trains on its own data specs, scored on any tasks
 
     def __init__(
         self,

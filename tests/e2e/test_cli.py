@@ -207,16 +207,27 @@ def test_collect_prints_and_writes_tables(sweep, tiny_pool, tmp_path):
 @pytest.mark.parametrize(
     "method",
     [
-        ["method=metagpt_ties", "stream=true", "max_shard_size=20KB"],
+        ["method=metagpt_ties"],
         ["method=adamerging_layerwise_pp", "method.steps=3", "method.batch_size=4"],
         ["method=sens_ties", "method.n_calibration=4"],
     ],
-    ids=["metagpt_ties-streamed", "adamerging_layerwise_pp", "sens_ties"],
+    ids=["metagpt_ties", "adamerging_layerwise_pp", "sens_ties"],
 )
-def test_seed_methods_run_from_the_cli(tiny_pool, tmp_path, method):
-    runs = tmp_path / "runs"
-    mergelab(tiny_pool["conf"], runs, *method, "task.calibration={split: test, n: 8}")
-    (r,) = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
+def test_seed_methods_run_from_the_cli_in_memory_and_streamed(tiny_pool, tmp_path, method):
+    """Each seed method from the CLI, then again streamed tensor by tensor into a sharded
+    checkpoint: the same merged weights (sha256) and scores."""
+    records = {}
+    for stream in ("false", "true"):
+        runs = tmp_path / f"runs-{stream}"
+        extra = [f"stream={stream}", "max_shard_size=20KB", "task.calibration={split: test, n: 8}"]
+        mergelab(tiny_pool["conf"], runs, *method, *extra)
+        (records[stream],) = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
+    r, streamed = records["false"], records["true"]
+    index = runs / streamed["cell_id"] / "merged" / "model.safetensors.index.json"
+    assert len(set(json.loads(index.read_text())["weight_map"].values())) > 1  # sharded
+    assert streamed["weights_sha256"] == r["weights_sha256"]
+    assert streamed["scores"] == r["scores"]
+    assert streamed["method"]["report"] == r["method"]["report"]
     report = r["method"]["report"]
     assert set(r["scores"]) == {"tiny_add", "tiny_color"}
     if r["method"]["name"] == "metagpt":
@@ -225,6 +236,46 @@ def test_seed_methods_run_from_the_cli(tiny_pool, tmp_path, method):
         run = read_offline_run(runs / r["cell_id"])
         assert len(run["history"]) >= 3  # entropy logged per step
     assert "calibration" in r["timings"] or r["method"]["name"] == "metagpt"
+
+
+def _jsonl(path: Path, texts: list[str]) -> str:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def test_training_workflows_run_from_the_cli(tiny_pool, tmp_path):
+    """BoRA and Merge to Learn train on their own data specs: they run on tasks without a
+    calibration split (the configured split does not exist here and is never read)."""
+    add = _jsonl(tmp_path / "add.jsonl", [f"{a}+{b}={a + b}" for a in range(6) for b in range(4)])
+    color = _jsonl(tmp_path / "color.jsonl", ["sky is blue", "grass is green"] * 6)
+    no_calibration = "task.calibration={split: validation, n: 8}"
+    runs = tmp_path / "runs"
+    bora = [
+        "method=bora",
+        f"method.tasks={{add: {{jsonl: {add}}}, color: {{jsonl: {color}}}}}",
+        "method.task=color",
+        "method.steps=3",
+        "method.batch_size=4",
+        "method.r=2",
+        "method.tau=10",
+    ]
+    m2l = [
+        "method=m2l_ptm",
+        f"method.general_data=[{{jsonl: {color}}}]",
+        "~method.skills",
+        f"+method.skills={{add: {{jsonl: {add}}}}}",
+        "method.batch_size=8",
+        "method.epochs=1",
+        "method.progress=false",
+    ]
+    for args in (bora, m2l):
+        mergelab(tiny_pool["conf"], runs, *args, no_calibration)
+    by_method = results(runs)
+    assert set(by_method) == {"bora", "merge_to_learn"}
+    for r in by_method.values():
+        assert r["status"] == "complete" and "calibration" in r["timings"]
+        assert set(r["scores"]) == {"tiny_add", "tiny_color"}
+    assert by_method["merge_to_learn"]["method"]["report"]["omega"] == {"add": pytest.approx(2.0)}
 
 
 def test_collect_only_keeps_matching_merges(sweep, tiny_pool, tmp_path):

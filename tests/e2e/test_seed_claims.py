@@ -18,7 +18,6 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 TOL = 0.02  # 2 points of average score
-ADA_STEPS = 100  # AdaMerging steps on CPU (the configs default to the paper's 500)
 
 
 def mergelab(runs: Path, *args: str) -> None:
@@ -36,27 +35,23 @@ def averages(runs: Path) -> dict[str, dict]:
         r = json.loads(path.read_text())
         params = r["method"]["params"]
         label = r["config"]["method"]["_target_"].rsplit(".", 1)[1]
-        for key in ("base_method", "granularity", "pp", "drop_rate"):
+        for key in ("base_method", "granularity", "pp", "drop_rate", "model"):
             if key in params:
                 label += f":{params[key]}"
         primary = [next(iter(m.values())) for m in r["scores"].values()]
-        out[label] = {"avg": sum(primary) / len(primary), "report": r["method"]["report"]}
+        out[label] = {
+            "avg": sum(primary) / len(primary),
+            "scores": {task: next(iter(m.values())) for task, m in r["scores"].items()},
+            "report": r["method"]["report"],
+        }
     return out
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("claims")
-    mergelab(root, "-m", "+experiment=metagpt_zoo")
-    mergelab(root, "-m", "+experiment=sens_merging_zoo")
-    mergelab(
-        root,
-        "-m",
-        "model=zoo_xs",
-        "task=suite",
-        "method=adamerging,adamerging_layerwise,adamerging_pp,adamerging_layerwise_pp",
-        f"++method.steps={ADA_STEPS}",
-    )
+    for experiment in ("zoo_references", "metagpt_zoo", "sens_merging_zoo", "adamerging_zoo"):
+        mergelab(root, "-m", f"+experiment={experiment}")
     result = averages(root)
     print(json.dumps({k: round(v["avg"], 4) for k, v in sorted(result.items())}, indent=1))
     return result
@@ -111,3 +106,14 @@ def test_sens_merging_improves_each_base_method(runs):
         ("SensMerging:dare_linear:0.5", "DARELinear:0.5"),
     ):
         assert runs[sens]["avg"] >= runs[alone]["avg"] - TOL, sens
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not reproduced on the xs zoo: DARE (drop 0.5, λ = 1 for each of four task "
+    "vectors) breaks code generation (0.00 vs the code expert's 0.98) and Sens-Merging's mild "
+    "rescaling at T = 1 does not repair it.",
+)
+def test_sens_dare_beats_the_code_expert_on_code(runs):
+    code = runs["SensMerging:dare_linear:0.5"]["scores"]["mergelab_code"]
+    assert code > runs["Pretrained:code"]["scores"]["mergelab_code"]

@@ -216,6 +216,20 @@ def test_group_gets_its_own_row(tiny, tm):
     assert res.samples == {"tiny_mc": [], "tiny_mc_alt": []}
 
 
+def test_per_task_fewshot_counts(tiny, tm):
+    """A mapping sets each named task (all members of a group) and leaves the rest."""
+    res = _run(tiny, tm, ["tiny_gen", "tiny_group"], num_fewshot={"tiny_group": 2}, limit=2)
+    assert res.n_shot["tiny_mc"] == res.n_shot["tiny_mc_alt"] == 2
+    assert res.n_shot["tiny_gen"] == 0
+    zero = _run(tiny, tm, ["tiny_group"], limit=2)
+    prompt = res.samples["tiny_mc"][0]["arguments"][0][0]
+    assert len(prompt) > len(zero.samples["tiny_mc"][0]["arguments"][0][0])
+    with pytest.raises(ValueError, match="not among the requested tasks"):
+        _run(tiny, tm, ["tiny_gen"], num_fewshot={"tiny_mcc": 1})
+    with pytest.raises(ValueError, match="int >= 0"):
+        _run(tiny, tm, ["tiny_gen"], num_fewshot={"tiny_gen": -1})
+
+
 def test_bf16_model(tm):
     model, tokenizer = make_tiny_lm(seed=0, dtype=torch.bfloat16)
     res = evaluate(model, tokenizer, "tiny_mc", task_manager=tm, limit=2, batch_size=2)

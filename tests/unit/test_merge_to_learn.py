@@ -21,9 +21,8 @@ from methods.merge_to_learn import (
     resolve_omegas,
     wise_ft_merge,
 )
+from tests.helpers.hydra_conf import compose
 from tests.helpers.tiny_lm import make_tiny_llama, make_tiny_lm
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -289,14 +288,6 @@ def test_fit_errors_name_the_problem(setup, tmp_path):
 
 
 # --------------------------------------------------------------------------- configs
-
-
-def compose(*overrides: str, hydra: bool = False):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 @pytest.mark.parametrize("proc", ["general", "cft", "rt", "ptm", "linear", "wise_ft"])

@@ -1,0 +1,87 @@
+"""HumanEval and MBPP scored in mergelab's sandbox instead of in-process.
+
+lm-eval's own ``humaneval`` / ``mbpp`` tasks execute model-written code inside the
+evaluating process (through Hugging Face ``evaluate``'s ``code_eval``, which needs
+``HF_ALLOW_CODE_EVAL=1`` and ``confirm_run_unsafe_code``). mergelab's versions,
+``mergelab_humaneval`` and ``mergelab_mbpp`` (task YAMLs in ``evals/tasks/``, found through
+``include_path: ${lm_eval_tasks:}``), read the same hub datasets with the same prompts and
+stop sequences, and run each program with :func:`evals.sandbox.run_code`: a separate
+process with CPU, memory and file-size limits, no network, an empty environment and a
+throw-away working directory. They are not marked ``unsafe_code``, because nothing unsafe
+runs in the harness's own process.
+
+Decisions (greedy decoding, one sample, so pass@1 is the fraction of problems passed):
+
+* HumanEval (``openai/openai_humaneval``, 0-shot): program = prompt + completion + the
+  problem's ``test`` + ``check(<entry_point>)``; stops at a new top-level ``class``, ``def``,
+  ``#``, ``if`` or ``print``, as lm-eval's task does.
+* MBPP (``google-research-datasets/mbpp``, config ``full``, 3-shot by default): prompt "You
+  are an expert Python programmer, and here is your task: <text> Your code should pass
+  these tests:\\n\\n<3 asserts>\\n[BEGIN]\\n", generation until ``[DONE]``; the few-shot
+  examples are problems 2, 3 and 4 of the dataset's ``prompt`` split (the original paper's
+  convention, as in lm-eval). Program = ``test_setup_code`` + completion + the asserts of
+  ``test_list`` (``challenge_test_list`` is not used).
+* Limits per program: :data:`TIMEOUT_S` wall-clock seconds and :data:`MEMORY_MB` MiB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from evals.sandbox import run_code
+from evals.suite.scoring import first_generation
+
+__all__ = [
+    "MBPP_FEWSHOT_IDS",
+    "MEMORY_MB",
+    "TIMEOUT_S",
+    "humaneval_program",
+    "mbpp_fewshot_samples",
+    "mbpp_program",
+    "process_humaneval",
+    "process_mbpp",
+]
+
+TIMEOUT_S = 10.0
+MEMORY_MB = 1024
+MBPP_FEWSHOT_IDS = (2, 3, 4)
+
+
+def humaneval_program(doc: Mapping[str, Any], completion: str) -> str:
+    """The HumanEval program: signature and docstring, the completion, the tests, the call."""
+    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+
+
+def mbpp_program(doc: Mapping[str, Any], completion: str) -> str:
+    """The MBPP program: setup code, the completion, then the problem's asserts."""
+    setup = doc.get("test_setup_code") or ""
+    tests = "\n".join(doc["test_list"])
+    return f"{setup}\n{completion}\n\n{tests}\n"
+
+
+def _pass_at_1(program: str) -> dict[str, float]:
+    return {"pass@1": float(run_code(program, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB).passed)}
+
+
+def process_humaneval(doc: Mapping[str, Any], results: Any) -> dict[str, float]:
+    """lm-eval ``process_results``: ``pass@1`` of the greedy completion, run sandboxed."""
+    return _pass_at_1(humaneval_program(doc, first_generation(results)))
+
+
+def process_mbpp(doc: Mapping[str, Any], results: Any) -> dict[str, float]:
+    """lm-eval ``process_results``: ``pass@1`` of the greedy completion, run sandboxed."""
+    return _pass_at_1(mbpp_program(doc, first_generation(results)))
+
+
+def mbpp_fewshot_samples() -> list[dict[str, Any]]:
+    """MBPP's few-shot examples: :data:`MBPP_FEWSHOT_IDS` of the ``prompt`` split, fetched
+    with the dataset (from the hub or the local HF cache), marked ``is_fewshot``."""
+    import datasets
+
+    split = datasets.load_dataset("google-research-datasets/mbpp", "full", split="prompt")
+    by_id = {row["task_id"]: row for row in split}
+    missing = [i for i in MBPP_FEWSHOT_IDS if i not in by_id]
+    if missing:
+        raise ValueError(f"MBPP prompt split lacks few-shot task ids {missing}")
+    return [{**by_id[i], "is_fewshot": True} for i in MBPP_FEWSHOT_IDS]
