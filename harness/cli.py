@@ -59,6 +59,9 @@ def collect_main(argv: list[str] | None = None) -> None:
     if "normalised" in tables and not tables["normalised"].empty:
         print("\nNormalised score (merged ÷ the expert on its own task):\n")
         print(tables["normalised"].to_markdown(floatfmt=".3f"))
+    if "own_task" in tables:
+        print("\nEach cell on its own task (cells that emit one task's model):\n")
+        print(tables["own_task"].to_markdown(floatfmt=".4f"))
     if args.reference:
         side = beside_reference(tables["pivot"], load_reference(args.reference))
         side.to_csv(Path(args.out) / "reference.csv")

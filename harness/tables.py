@@ -320,6 +320,66 @@ def pivot(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     return _table(_select(df, metric), df)
 
 
+# Lower-is-better likelihood metrics (lm-eval's loglikelihood_rolling): own_task leaves
+# them out of its default (primary-metric) table rather than average them with accuracies.
+PERPLEXITY_METRICS = frozenset(
+    {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
+)
+
+
+def _drop_param(label: str, key: str) -> str:
+    """``bora(tau=10, task=math)`` → ``bora(tau=10)`` for ``key="task"``."""
+    name, sep, inner = label.partition("(")
+    if not sep:
+        return label
+    kept = [p for p in inner.removesuffix(")").split(", ") if not p.startswith(f"{key}=")]
+    return f"{name}({', '.join(kept)})" if kept else name
+
+
+def _is_own(eval_task: str, task: Any) -> bool:
+    """Whether ``eval_task`` has ``task`` as an ``_``-delimited part of its name
+    (``mergelab_knowledge_ppl`` for ``knowledge``, ``ton_speaker_01_ppl`` for ``speaker_01``)."""
+    return f"_{task}_" in f"_{eval_task}_"
+
+
+def own_task(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Each cell on its own task, for methods whose cell emits one task's model (a
+    ``task`` method parameter: BoRA's per-task adapters, scored on every task).
+
+    Rows: the label without ``task=…`` (e.g. ``bora(tau=10)``); columns: the emitted
+    tasks, in the order of their eval tasks; value: the cell's mean score on the eval
+    tasks named after its task (see :func:`_is_own`; ``safety`` → both safety tasks), then
+    ``mean`` over the columns. With ``metric=None`` the primary metrics are used, leaving
+    out perplexity-type ones (:data:`PERPLEXITY_METRICS`), which would be averaged with
+    accuracies; ask for them by name. Empty when no cell has a ``task`` parameter.
+    """
+    if "param.task" not in df.columns:
+        return pd.DataFrame(columns=["mean"], dtype=float)
+    sub = _select(df, metric)
+    if metric is None:
+        sub = sub[~sub["metric"].isin(PERPLEXITY_METRICS)]
+    sub = sub[sub["param.task"].notna()]
+    sub = sub[[_is_own(e, t) for e, t in zip(sub["task"], sub["param.task"], strict=True)]]
+    if sub.empty:
+        return pd.DataFrame(columns=["mean"], dtype=float)
+    keys = _keys(df)
+    rows = sub.assign(label=[_drop_param(lab, "task") for lab in sub["label"]])
+    eval_order = list(dict.fromkeys(df["task"]))
+    first_eval = rows.groupby("param.task", sort=False)["task"].first()
+    tasks = sorted(first_eval.index, key=lambda t: eval_order.index(first_eval[t]))
+    tab = rows.groupby(keys + ["param.task"], sort=False)["value"].mean().unstack("param.task")
+    tab = tab.reindex(columns=tasks)
+    tab["mean"] = tab[tasks].mean(axis=1, skipna=False)
+    order = _row_order(df, keys)
+    stripped = [
+        (k[0], _drop_param(k[1], "task")) if isinstance(k, tuple) else _drop_param(k, "task")
+        for k in order
+    ]
+    tab = tab.reindex([k for k in dict.fromkeys(stripped) if k in tab.index])
+    tab.columns.name = None
+    return tab.astype(float)
+
+
 def normalised(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """Each score divided by the score of the expert specialised in that task.
 
@@ -512,8 +572,10 @@ def collect(
     """Load records, build the tables and write them to ``out_dir``.
 
     Writes ``tidy.csv``, ``pivot.*`` and ``normalised.*`` (see :func:`export`) and
-    ``scores.png``; returns ``{"tidy", "pivot", "normalised"}``. ``only`` (a regex) keeps the
-    merge rows whose label it matches; base and expert reference rows are always kept.
+    ``scores.png``; returns ``{"tidy", "pivot", "normalised"}``, plus ``own_task`` (and
+    ``own_task.*``, ``own_task.png``) when cells emit per-task models (:func:`own_task`).
+    ``only`` (a regex) keeps the merge rows whose label it matches; base and expert
+    reference rows are always kept.
     """
     paths = _as_paths(paths)
     records = load_records(paths)
@@ -524,11 +586,16 @@ def collect(
         reference = df["method"] == "pretrained"
         df = df[reference | df["label"].str.fullmatch(only)].reset_index(drop=True)
     tables = {"pivot": pivot(df, metric), "normalised": normalised(df, metric)}
+    own = own_task(df, metric)
+    if not own.empty:
+        tables["own_task"] = own
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "tidy.csv", index=False)
     export(tables, out, formats)
     plot_scores(tables["pivot"], out / "scores.png")
+    if not own.empty:
+        plot_scores(own, out / "own_task.png", ylabel=metric or "primary metric")
     return {"tidy": df, **tables}
 
 

@@ -247,3 +247,34 @@ def test_several_pools_index_by_pool_and_label():
     assert p.index.names == ["pool", "label"]
     assert p.index[0] == ("other", "base") and len(p) == 10
     assert "| pool" in tables.markdown(p)
+
+
+def test_own_task_table_takes_each_cells_own_task(tmp_path):
+    """Per-task cells (BoRA-style ``task`` parameter) scored on every task: the own-task
+    table keeps the diagonal, one row per setting, with the mean over tasks."""
+    root = tmp_path / "runs"
+    ppl = {("a", 0): 3.0, ("b", 0): 5.0, ("a", 10): 2.0, ("b", 10): 4.5}
+    for (task, tau), own in ppl.items():
+        other = "b" if task == "a" else "a"
+        rec = make_record(f"c{task}{tau}", "bora", {"tau": tau, "task": task}, 0, 0, 0)
+        rec["scores"] = {
+            f"x_{task}_ppl": {"word_perplexity": own},
+            f"x_{other}_ppl": {"word_perplexity": 99.0},
+        }
+        rec["stderr"] = {}
+        write(root, rec)
+    out = tables.collect([root], tmp_path / "tables", metric="word_perplexity")
+    assert "own_task" not in tables.collect([root], tmp_path / "primary")  # perplexity only
+    own = out["own_task"]
+    assert list(own.index) == ["bora(tau=0)", "bora(tau=10)"]
+    assert list(own.columns) == ["a", "b", "mean"]
+    assert own.loc["bora(tau=0)"].tolist() == [3.0, 5.0, 4.0]
+    assert own.loc["bora(tau=10)"].tolist() == [2.0, 4.5, 3.25]
+    assert (tmp_path / "tables" / "own_task.md").exists()
+    assert (tmp_path / "tables" / "own_task.png").exists()
+
+
+def test_no_own_task_table_without_a_task_parameter(runs, tmp_path):
+    assert "own_task" not in tables.collect([runs], tmp_path / "t")
+    assert tables._drop_param("bora(tau=1, task=m)", "task") == "bora(tau=1)"
+    assert tables._drop_param("bora(task=m)", "task") == "bora"
