@@ -245,6 +245,13 @@ def tidy(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 # -- pivots --------------------------------------------------------------------------
+# Lower-is-better likelihood metrics (lm-eval's loglikelihood_rolling): own_task leaves
+# them out of its default (primary-metric) table rather than average them with accuracies.
+PERPLEXITY_METRICS = frozenset(
+    {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
+)
+
+
 def _select(df: pd.DataFrame, metric: str | None) -> pd.DataFrame:
     if metric is None:
         return df[df["primary"]]
@@ -304,7 +311,11 @@ def _table(sub: pd.DataFrame, order_from: pd.DataFrame, column: str = "value") -
         return pd.DataFrame(columns=["average"], dtype=float)
     tab = sub.groupby(keys + ["task"], sort=False, dropna=False)[column].mean().unstack("task")
     tab = tab.reindex(columns=tasks)
-    tab["average"] = tab[tasks].mean(axis=1, skipna=False)
+    # perplexities are not averaged with accuracies: the average covers the other tasks
+    # (all of them when every task is a perplexity)
+    ppl = set(sub.loc[sub["metric"].isin(PERPLEXITY_METRICS), "task"])
+    averaged = [t for t in tasks if t not in ppl] or tasks
+    tab["average"] = tab[averaged].mean(axis=1, skipna=False)
     order = [k for k in _row_order(order_from, keys) if k in tab.index]
     tab = tab.reindex(order)
     tab.columns.name = None
@@ -315,16 +326,10 @@ def pivot(df: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """Label × task table of mean scores (over seeds / duplicate cells) plus ``average``.
 
     Uses each task's primary metric unless ``metric`` is given (tasks without it are
-    left out). Rows: ``base``, the experts, then the merges.
+    left out). Rows: ``base``, the experts, then the merges. ``average`` leaves out
+    perplexity-type tasks (:data:`PERPLEXITY_METRICS`) when other tasks are present.
     """
     return _table(_select(df, metric), df)
-
-
-# Lower-is-better likelihood metrics (lm-eval's loglikelihood_rolling): own_task leaves
-# them out of its default (primary-metric) table rather than average them with accuracies.
-PERPLEXITY_METRICS = frozenset(
-    {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
-)
 
 
 def _drop_param(label: str, key: str) -> str:

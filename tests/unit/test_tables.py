@@ -278,3 +278,19 @@ def test_no_own_task_table_without_a_task_parameter(runs, tmp_path):
     assert "own_task" not in tables.collect([runs], tmp_path / "t")
     assert tables._drop_param("bora(tau=1, task=m)", "task") == "bora(tau=1)"
     assert tables._drop_param("bora(task=m)", "task") == "bora"
+
+
+def test_average_leaves_out_perplexities_beside_accuracies(tmp_path):
+    root = tmp_path / "runs"
+    rec = make_record("c1", "bora", {"tau": 1, "task": "a"}, 0, 0, 0)
+    rec["scores"] = {
+        "x_a": {"acc": 0.5},
+        "x_b": {"acc": 0.7},
+        "x_a_ppl": {"word_perplexity": 12.0, "bits_per_byte": 0.8},
+    }
+    rec["stderr"] = {}
+    write(root, rec)
+    df = tables.tidy(tables.load_records([root]))
+    assert tables.pivot(df).loc["bora", "average"] == pytest.approx(0.6)
+    assert tables.pivot(df, "word_perplexity").loc["bora", "average"] == pytest.approx(12.0)
+    assert tables.own_task(df).loc["bora", "a"] == pytest.approx(0.5)  # x_a, not x_a_ppl
