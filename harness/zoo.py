@@ -35,7 +35,7 @@ from evals.suite.build import (
     general_texts,
     training_texts,
 )
-from harness.train import finetune
+from harness.train import finetune, finetune_lora
 
 ZOO_CODE_VERSION = "1"  # bump when the build procedure changes in a way the recipe misses
 CATEGORIES = tuple(TASKS)
@@ -179,8 +179,20 @@ def build_zoo(
         manifest["models"][cat] = _entry(model, stats, seed + 1 + i)
 
         model.load_state_dict(base_state)
-        lora, stats = _train_lora(
-            model, tokenizer, data, recipe, seed + 11 + i, device, progress, f"zoo: lora {cat}"
+        lora, stats = finetune_lora(
+            model,
+            tokenizer,
+            data,
+            r=recipe.lora_r,
+            alpha=recipe.lora_alpha,
+            steps=recipe.lora_steps,
+            lr=recipe.lora_lr,
+            batch_size=recipe.expert_batch,
+            max_length=recipe.max_length,
+            seed=seed + 11 + i,
+            device=device,
+            progress=progress,
+            desc=f"zoo: lora {cat}",
         )
         lora.save_pretrained(tmp / "lora" / cat)
         manifest["models"][f"lora_{cat}"] = _entry(lora, stats, seed + 11 + i, trainable=True)
@@ -275,45 +287,6 @@ def _expert_mix(own: list[str], mix: list[str], recipe: Recipe, seed: int) -> li
     rng = random.Random(seed)
     n_mix = int(len(own) * (1 - recipe.own_share) / recipe.own_share)
     return own + rng.sample(mix, min(n_mix, len(mix)))
-
-
-def _train_lora(
-    model, tokenizer, data, recipe: Recipe, seed: int, device: str, progress: bool, desc: str
-):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    lora = get_peft_model(
-        model,
-        LoraConfig(
-            r=recipe.lora_r,
-            lora_alpha=recipe.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-        ),
-    )
-    stats = finetune(
-        lora,
-        tokenizer,
-        data,
-        steps=recipe.lora_steps,
-        lr=recipe.lora_lr,
-        batch_size=recipe.expert_batch,
-        max_length=recipe.max_length,
-        seed=seed,
-        device=device,
-        progress=progress,
-        desc=desc,
-    )
-    return lora, stats
 
 
 def _save(model, tokenizer, out: Path) -> None:

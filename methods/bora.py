@@ -114,13 +114,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.train import SCHEDULES, cached_training, lr_lambda, read_stats
-from methods.adamerging import pad_id_of
+from harness.train import (
+    DEFAULT_LORA_TARGETS,
+    SCHEDULES,
+    cached_training,
+    lr_lambda,
+    read_stats,
+)
+from methods.adamerging import pad_id_of, right_pad
 from methods.base import FitContext, MergeMethod, check_choice, check_finite
 
 SHARED = "shared"
 CODE_VERSION = "1"  # bump when training changes in a way the cache key does not see
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TASKS: dict[str, dict[str, Any]] = {
     # suite categories with unequal train sizes (the paper's speakers range widely too)
     "knowledge": {"suite": "knowledge", "n": 100},
@@ -289,16 +294,6 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[i
             raise ValueError(f"text {t[:40]!r} gives fewer than 2 tokens; nothing to predict")
         out.append(ids)
     return out
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 # ------------------------------------------------------------------------- training
@@ -666,7 +661,7 @@ class BoRA(MergeMethod):
         task: str | None = None,
         r: int = 8,
         alpha: float = 16,
-        target_modules: Sequence[str] | None = LLAMA_TARGETS,
+        target_modules: Sequence[str] | None = DEFAULT_LORA_TARGETS,
         steps: int = 300,
         lr: float = 2e-3,
         batch_size: int = 16,

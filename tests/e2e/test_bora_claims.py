@@ -48,11 +48,12 @@ import pytest
 import torch
 
 from harness.data import load_texts
+from harness.train import DEFAULT_LORA_TARGETS
 from methods.base import FitContext
 from methods.bora import SHARED, BoRA
 from tests.helpers.tiny_lm import make_tiny_llama, make_tiny_tokenizer
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_torch_thread")]
 
 TAUS = (0, 1, 10, 100, 1000, 10000, SHARED)
 SEEDS = (0, 1, 2)  # training seeds (adapter init, batch order) averaged over
@@ -66,16 +67,7 @@ FORMATS = {  # task → (format, training texts); distinct from the first charac
 OPTIONS = dict(
     r=4,
     alpha=16,
-    target_modules=[
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "lm_head",
-    ],
+    target_modules=[*DEFAULT_LORA_TARGETS, "lm_head"],
     steps=200,
     lr=5e-3,
     batch_size=8,
@@ -106,14 +98,6 @@ def task_texts(task: str, n: int, split: int) -> list[str]:
 
 TRAIN = {t: task_texts(t, n, 1) for t, (_, n) in FORMATS.items()}
 TEST = {t: task_texts(t, 60, 2) for t in FORMATS}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -193,8 +177,6 @@ def sweep(tmp_path_factory):
     """Per τ, averaged over the training seeds: ``ppl`` {task: test perplexity}, ``mean``
     (over tasks), ``distance`` {task: ‖θ_d − Θ‖}, ``n_train``; and ``hits`` (cache hit of
     every cell, per seed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     setup = Setup(tmp_path_factory.mktemp("bora_claims"))
     out = {}
     for tau in TAUS:
@@ -227,7 +209,6 @@ def sweep(tmp_path_factory):
             + " ".join(f"{t}={v:.3f}" for t, v in row["distance"].items())
             + f" | train {seconds:.1f}s for {len(SEEDS)} seeds"
         )
-    torch.set_num_threads(before)
     return out
 
 
