@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.threads import one_thread
 from tests.helpers.tiny_pool import build_pool, write_conf, write_tasks
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch single-threaded for the rest of the module (restored after it). Requested
+    through ``pytest.mark.usefixtures``, it is set up before the module's other fixtures."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -57,15 +57,7 @@ HARMFUL, BENIGN = ["hurt", "rob", "burn", "trap"], ["help", "hug", "feed", "gree
 NAMES = "ann bob cat dan eve fay gus hal ivy jon kim lea".split()
 GRID = [0.2, 0.4, 0.6, 0.8, 1.0]
 TRAIN = {"lr": 1e-3, "batch_size": 8, "max_length": 32, "epochs": 2, "progress": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Before any module fixture (higher scopes run first): 1 thread, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def skill_item(verb: str, name: str) -> tuple[str, list[str]]:

@@ -8,10 +8,9 @@ the executor does: setup → fit → statistics passes → merge_tensor.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,18 +44,6 @@ CALIBRATION = {
     COLOR_TASK: [p for p, _ in color_texts()],
 }
 EXPERT_TASKS = {"add": [ADD_TASK], "color": [COLOR_TASK]}
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch single-threaded, then restore: on a shared 2-core machine, tiny ops with
-    2 intra-op threads slow down several-fold under load from other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass

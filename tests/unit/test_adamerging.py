@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 from _drive import instantiate_conf
-from _fit import drive_fit, make_context, one_thread, tiny_pool
+from _fit import drive_fit, make_context, tiny_pool
 
 from methods.adamerging import (
     AdaMerging,
@@ -19,6 +19,7 @@ from methods.adamerging import (
     right_pad,
 )
 from methods.ties import TIES, disjoint_merge, elect_sign, trim_by_threshold
+from tests.helpers.threads import one_thread
 
 FAST = {"steps": 12, "lr": 0.05, "batch_size": 8}
 

@@ -37,12 +37,7 @@ TEXTS = {
 KW = dict(r=2, alpha=4, steps=6, lr=1e-2, batch_size=2, max_length=16, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

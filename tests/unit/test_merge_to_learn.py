@@ -24,14 +24,7 @@ from methods.merge_to_learn import (
 from tests.helpers.hydra_conf import compose
 from tests.helpers.tiny_lm import make_tiny_llama, make_tiny_lm
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Before any module fixture (higher scopes run first): 1 thread, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- pure functions

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 from _drive import drive, instantiate_conf
-from _fit import ADD_TASK, CALIBRATION, EXPERT_TASKS, drive_fit, make_context, one_thread, tiny_pool
+from _fit import ADD_TASK, CALIBRATION, EXPERT_TASKS, drive_fit, make_context, tiny_pool
 
 from methods.adamerging import encode_prompts
 from methods.sens_merging import (
@@ -19,6 +19,7 @@ from methods.sens_merging import (
 )
 from methods.task_arithmetic import TaskArithmetic
 from methods.ties import TIES
+from tests.helpers.threads import one_thread
 from tests.helpers.tiny_lm import make_tiny_llama
 
 

@@ -350,17 +350,6 @@ def test_safety_splits(suite):
 # --------------------------------------------------------------------------- lm-eval
 
 
-@pytest.fixture()
-def one_torch_thread():
-    """Tiny-model generation is ~100x slower when 2 torch threads fight other processes."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_lm_eval_tasks_load_and_score(suite, one_torch_thread):
     from evals.lm_eval import evaluate, validate_tasks
     from tests.helpers.tiny_lm import make_tiny_lm

@@ -28,13 +28,7 @@ TEXTS = [f"{a}+{b}={a + b}" for a in range(6) for b in range(6)]
 FAST = {"lr": 3e-3, "batch_size": 4, "max_length": 16, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Before any module fixture (higher scopes run first): 1 thread, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny():
