@@ -22,20 +22,26 @@ Decisions (greedy decoding, one sample, so pass@1 is the fraction of problems pa
   convention, as in lm-eval). Program = ``test_setup_code`` + completion + the asserts of
   ``test_list`` (``challenge_test_list`` is not used).
 * Limits per program: :data:`TIMEOUT_S` wall-clock seconds and :data:`MEMORY_MB` MiB.
+* The programs run in an lm-eval custom filter (:func:`filter_humaneval`,
+  :func:`filter_mbpp`; ``filter_list`` entry named ``none``, so the metric key stays
+  ``pass@1``), all of a task's concurrently, as the suite's ``mergelab_code`` does (see
+  :mod:`evals.suite.scoring`); each logged sample keeps the generation in ``resps`` and the
+  outcome (``completion``, ``status``, ``detail``) in ``filtered_resps``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from evals.sandbox import run_code
-from evals.suite.scoring import first_generation
+from evals.suite.scoring import code_outcome, sandbox_outcomes
 
 __all__ = [
     "MBPP_FEWSHOT_IDS",
     "MEMORY_MB",
     "TIMEOUT_S",
+    "filter_humaneval",
+    "filter_mbpp",
     "humaneval_program",
     "mbpp_fewshot_samples",
     "mbpp_program",
@@ -60,18 +66,35 @@ def mbpp_program(doc: Mapping[str, Any], completion: str) -> str:
     return f"{setup}\n{completion}\n\n{tests}\n"
 
 
-def _pass_at_1(program: str) -> dict[str, float]:
-    return {"pass@1": float(run_code(program, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB).passed)}
+def filter_humaneval(resps: Sequence[Any], docs: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """lm-eval custom filter: every HumanEval program of the task, run concurrently."""
+    return sandbox_outcomes(
+        resps, docs, humaneval_program, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB
+    )
+
+
+def filter_mbpp(resps: Sequence[Any], docs: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """lm-eval custom filter: every MBPP program of the task, run concurrently."""
+    return sandbox_outcomes(resps, docs, mbpp_program, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
+
+
+def _pass_at_1(
+    doc: Mapping[str, Any], results: Any, program: Callable[[Mapping[str, Any], str], str]
+) -> dict[str, float]:
+    outcome = code_outcome(doc, results, program, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
+    return {"pass@1": float(outcome["status"] == "passed")}
 
 
 def process_humaneval(doc: Mapping[str, Any], results: Any) -> dict[str, float]:
-    """lm-eval ``process_results``: ``pass@1`` of the greedy completion, run sandboxed."""
-    return _pass_at_1(humaneval_program(doc, first_generation(results)))
+    """lm-eval ``process_results``: ``pass@1`` of the greedy completion (the filter's outcome,
+    or a raw generation run sandboxed here)."""
+    return _pass_at_1(doc, results, humaneval_program)
 
 
 def process_mbpp(doc: Mapping[str, Any], results: Any) -> dict[str, float]:
-    """lm-eval ``process_results``: ``pass@1`` of the greedy completion, run sandboxed."""
-    return _pass_at_1(mbpp_program(doc, first_generation(results)))
+    """lm-eval ``process_results``: ``pass@1`` of the greedy completion (the filter's outcome,
+    or a raw generation run sandboxed here)."""
+    return _pass_at_1(doc, results, mbpp_program)
 
 
 def mbpp_fewshot_samples() -> list[dict[str, Any]]:

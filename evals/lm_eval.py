@@ -11,7 +11,12 @@ Two entry points:
 Metric keys: lm-eval reports ``"<metric>,<filter>"`` (``"acc,none"``,
 ``"exact_match,strict-match"``). :class:`EvalResult` uses ``"<metric>"`` when the filter is
 ``"none"`` and ``"<metric>/<filter>"`` otherwise (``"acc"``, ``"exact_match/strict-match"``),
-in lm-eval's order, so the first key of a task's scores is the metric lm-eval lists first.
+in lm-eval's order. Which metric is primary, its direction and its aggregation are read from
+lm-eval's task and group configs (``EvalResult.metrics``), never guessed from names or order.
+
+A broken model never scores: NaN/inf logits in any forward pass, or a NaN/inf per-sample
+log-likelihood or metric value in lm-eval's output, raise :class:`NonFiniteScoreError`
+(lm-eval would otherwise count every NaN comparison as a hit).
 
 This module is named ``lm_eval.py`` inside the ``evals`` package; ``import lm_eval`` here is an
 absolute import (Python 3) and resolves to the installed library, never to this file.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import json
 import logging
 import math
@@ -39,10 +45,14 @@ import torch
 from lm_eval.tasks import TaskManager
 
 if TYPE_CHECKING:
+    from lm_eval.api.group import Group
+    from lm_eval.api.task import Task
+    from lm_eval.models.huggingface import HFLM
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "EvalResult",
+    "NonFiniteScoreError",
     "evaluate",
     "metric_key",
     "quiet_lm_eval_logging",
@@ -55,35 +65,59 @@ log = logging.getLogger(__name__)
 # Keys of an lm-eval results row that are bookkeeping, not metrics.
 _NON_METRIC_KEYS = frozenset({"alias", "name", "sample_len", "sample_count", "samples"})
 
-# HFLM warns twice on every construction from an in-memory model; that is our design, not a
-# problem, so these two messages are dropped (all other lm-eval warnings still show).
-_EXPECTED_HFLM_WARNINGS = (
-    "`pretrained` model kwarg is not of type `str`",
-    "Passed an already-initialized model through `pretrained`",
-)
+# Warnings about what mergelab does on purpose, dropped (all other lm-eval warnings still
+# show): HFLM warns twice on every construction from an in-memory model, and the evaluator
+# once per task whenever a few-shot count is passed explicitly (every task config does).
+_EXPECTED_WARNINGS = {
+    "lm_eval.models.huggingface": (
+        "`pretrained` model kwarg is not of type `str`",
+        "Passed an already-initialized model through `pretrained`",
+    ),
+    "lm_eval.evaluator": ("Overwriting default num_fewshot of",),
+}
 
 
 # --------------------------------------------------------------------------- logging
 
 
-class _DropExpectedHFLMWarnings(logging.Filter):
+class _DropExpectedWarnings(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
     def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not any(msg.startswith(prefix) for prefix in _EXPECTED_HFLM_WARNINGS)
+        return not record.getMessage().startswith(self.prefixes)
 
 
-_HFLM_FILTER = _DropExpectedHFLMWarnings()
+_FILTERS = {name: _DropExpectedWarnings(prefixes) for name, prefixes in _EXPECTED_WARNINGS.items()}
+
+
+class NonFiniteScoreError(ValueError):
+    """NaN/inf logits, log-likelihoods or metric values: every score would be meaningless
+    (lm-eval counts a NaN comparison as a hit), so evaluation stops instead."""
+
+
+_NON_FINITE_CAUSES = (
+    "Likely causes: the merged weights overflow (check the merge method's hyperparameters, "
+    "e.g. a scaling or weights too large), or a member checkpoint holds bad weights."
+)
+
+
+def _few(names: Sequence[str], n: int = 8) -> str:
+    shown = ", ".join(names[:n])
+    return f"{shown}, ... ({len(names)} in all)" if len(names) > n else shown
 
 
 def quiet_lm_eval_logging(level: int = logging.WARNING) -> None:
-    """Set the ``lm_eval`` logger tree to ``level`` (default WARNING) and drop HFLM's
-    "pre-initialized model" warnings. Idempotent. Left alone if ``LMEVAL_LOG_LEVEL`` is set,
+    """Set the ``lm_eval`` logger tree to ``level`` (default WARNING) and drop the warnings
+    of :data:`_EXPECTED_WARNINGS`. Idempotent. Left alone if ``LMEVAL_LOG_LEVEL`` is set,
     so a user can still ask lm-eval for INFO/DEBUG output."""
     if not os.environ.get("LMEVAL_LOG_LEVEL"):
         logging.getLogger("lm_eval").setLevel(level)
-    hf_logger = logging.getLogger("lm_eval.models.huggingface")
-    if _HFLM_FILTER not in hf_logger.filters:
-        hf_logger.addFilter(_HFLM_FILTER)
+    for name, dropper in _FILTERS.items():
+        logger = logging.getLogger(name)
+        if dropper not in logger.filters:
+            logger.addFilter(dropper)
 
 
 # --------------------------------------------------------------------------- task validation
@@ -242,19 +276,35 @@ class EvalResult:
     """What one :func:`evaluate` call produced; every field is JSON-serialisable.
 
     Attributes:
-        scores: ``{task_or_group: {metric_key: value}}`` in lm-eval's order (first key = the
-            metric lm-eval lists first). ``metric_key`` is ``"acc"`` for filter ``"none"``,
-            else ``"<metric>/<filter>"``. Groups with an ``aggregate_metric_list`` get a row.
+        scores: ``{task_or_group: {metric_key: value}}`` in lm-eval's order. ``metric_key`` is
+            ``"acc"`` for filter ``"none"``, else ``"<metric>/<filter>"``. Groups with an
+            ``aggregate_metric_list`` get a row.
         stderr: same keys as ``scores``; ``None`` where lm-eval gives no stderr ("N/A").
+        metrics: ``{task_or_group: {metric_key: {"value", "stderr", "higher_is_better",
+            "aggregation", "primary"}}}``, same keys and order as ``scores``.
+            ``higher_is_better`` is lm-eval's (``None`` where a group's members disagree).
+            ``aggregation`` names the aggregation lm-eval applied (``"mean"``,
+            ``"weighted_perplexity"``; a ``!function`` aggregation's function name; ``None``
+            for a metric the task config defines none for). Exactly one ``primary`` per row:
+            for a task, the first ``metric_list`` entry (the output type's default metrics
+            without one) under the first ``filter_list`` filter (``"none"`` without one);
+            for a group, the first ``aggregate_metric_list`` entry (under its first filter).
+            If lm-eval reported no value for that metric, the first one reported is primary.
         samples: ``{task: [per-sample dict]}`` (empty lists if ``log_samples=False``). One entry
             per (doc, filter): a task with two filters has two entries per doc. Each has
             lm-eval's keys: ``doc_id, doc, target, arguments, resps, filtered_resps, filter,
             metrics`` (names), one key per metric with its per-sample value, and hashes.
         n_samples: docs evaluated per task (after ``limit``); for groups, the sum over members.
         n_samples_total: docs in each task's evaluation split (before ``limit``).
-        higher_is_better: ``{task_or_group: {metric_key: bool | None}}``.
-        n_shot: few-shot count per task/group as lm-eval ran it.
-        group_subtasks: ``{group: [member names]}``; empty when no group was requested.
+        n_shot: few-shot count per task/group as lm-eval ran it (a group's only when all
+            its members share one).
+        groups: ``{group: {"subtasks", "weight_by_size", "aggregation"}}`` for each requested
+            group lm-eval aggregates (one with an ``aggregate_metric_list``): the leaf tasks
+            its score averages over, and its first aggregate entry's weighting and
+            aggregation. Read from the ``Group`` objects built for the run (lm-eval's output
+            has no group configs).
+        group_subtasks: ``{group: [direct member names]}`` (lm-eval's); empty when no group
+            was requested.
         configs: the task configs lm-eval reports (YAML after overrides), per task.
         lm_eval_version: the installed lm-eval version.
     """
@@ -263,18 +313,20 @@ class EvalResult:
     stderr: dict[str, dict[str, float | None]]
     samples: dict[str, list[dict[str, Any]]]
     n_samples: dict[str, int]
+    metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     n_samples_total: dict[str, int] = field(default_factory=dict)
-    higher_is_better: dict[str, dict[str, bool | None]] = field(default_factory=dict)
     n_shot: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     group_subtasks: dict[str, list[str]] = field(default_factory=dict)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     lm_eval_version: str = ""
 
     def primary(self, task: str) -> tuple[str, float]:
-        """``(metric_key, value)`` of the first metric lm-eval reports for ``task``."""
-        if not self.scores.get(task):
-            raise KeyError(f"no scores for {task!r}; have {sorted(self.scores)}")
-        return next(iter(self.scores[task].items()))
+        """``(metric_key, value)`` of ``task``'s primary metric (see ``metrics``)."""
+        for key, metric in self.metrics.get(task, {}).items():
+            if metric["primary"]:
+                return key, metric["value"]
+        raise KeyError(f"no scores for {task!r}; have {sorted(self.scores)}")
 
     def to_dict(self, *, include_samples: bool = False) -> dict[str, Any]:
         """A JSON-ready dict (samples left out unless asked for: they can be large)."""
@@ -298,29 +350,26 @@ def _to_float(value: Any) -> float | None:
     return float(value)
 
 
-def _parse_row(row: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, float | None]]:
+def _parse_row(row: Mapping[str, Any]) -> list[tuple[str, str, float, float | None]]:
+    """``(metric, filter, value, stderr)`` of each numeric metric in an lm-eval results row,
+    in lm-eval's order (``stderr`` ``None`` where lm-eval gives "N/A")."""
     pairs: dict[tuple[str, str], Any] = {}
     for key, value in row.items():
         if key in _NON_METRIC_KEYS or "," not in key:
             continue
         metric, filter_name = key.split(",", 1)
         pairs[(metric, filter_name)] = value
-    scores: dict[str, float] = {}
-    stderr: dict[str, float | None] = {}
     stderr_pairs = {
         (m, f) for (m, f) in pairs if m.endswith("_stderr") and (m[: -len("_stderr")], f) in pairs
     }
+    out: list[tuple[str, str, float, float | None]] = []
     for (metric, filter_name), value in pairs.items():
-        if (metric, filter_name) in stderr_pairs:
-            continue
         number = _to_float(value)
-        if number is None:  # non-numeric (e.g. a dict or string metric): not a score
-            continue
-        key = metric_key(metric, filter_name)
-        scores[key] = number
-        err = pairs.get((f"{metric}_stderr", filter_name))
-        stderr[key] = _to_float(err)
-    return scores, stderr
+        if (metric, filter_name) in stderr_pairs or number is None:
+            continue  # a stderr, or non-numeric (e.g. a dict or string metric): not a score
+        err = _to_float(pairs.get((f"{metric}_stderr", filter_name)))
+        out.append((metric, filter_name, number, err))
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -344,18 +393,109 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _build_result(raw: Mapping[str, Any]) -> EvalResult:
-    results = raw.get("results", {})
-    groups = set(raw.get("group_subtasks", {}))
+def _aggregation_name(fn: Any) -> str | None:
+    """A registered aggregation's name (``"mean"``, ``"weighted_perplexity"``), else the
+    function's own name (a ``!function`` aggregation)."""
+    if fn is None or isinstance(fn, str):
+        return fn
+    from lm_eval.api.registry import AGGREGATION_REGISTRY
+
+    registered = {AGGREGATION_REGISTRY.get(name): name for name in AGGREGATION_REGISTRY.keys()}
+    return registered.get(fn, getattr(fn, "__name__", str(fn)))
+
+
+def _task_semantics(task: Task) -> tuple[tuple[str, str | None], dict[str, str | None]]:
+    """``((primary metric, its filter), {metric: aggregation name})`` from a task's config."""
+    config = task.config
+    if config.metric_list:
+        first = config.metric_list[0]["metric"]
+        metric = first if isinstance(first, str) else first.__name__  # a !function metric
+    else:  # the output type's default metrics, which lm-eval lists in task.aggregation()
+        metric = next(iter(task.aggregation()))
+    filter_name = config.filter_list[0]["name"] if config.filter_list else "none"
+    aggregations = {m: _aggregation_name(fn) for m, fn in task.aggregation().items()}
+    return (metric, filter_name), aggregations
+
+
+def _group_semantics(group: Group) -> tuple[tuple[str, str | None], dict[str, str | None]]:
+    """Like :func:`_task_semantics` from a group's ``aggregate_metric_list`` (a filter of
+    ``None``: lm-eval aggregates every filter it finds, so the first one reported)."""
+    entries = group.aggregate_metric_list or []
+    first = entries[0]
+    aggregations: dict[str, str | None] = {}
+    for entry in entries:
+        aggregations.setdefault(entry.metric, _aggregation_name(entry.aggregation))
+    return (first.metric, first.filter_list[0] if first.filter_list else None), aggregations
+
+
+def _all_finite(obj: Any) -> bool:
+    """False if any float inside ``obj`` (nested lists/tuples) is NaN/inf; others ignored."""
+    if isinstance(obj, (list, tuple)):
+        return all(_all_finite(v) for v in obj)
+    if isinstance(obj, (float, np.floating)):
+        return math.isfinite(obj)
+    return True
+
+
+def _check_finite_results(raw: Mapping[str, Any]) -> None:
+    """Raise :class:`NonFiniteScoreError` for a NaN/inf per-sample log-likelihood (a float in
+    a sample's ``resps``) or aggregated metric value, naming the task and doc / metric."""
+    configs = raw.get("configs", {})
+    for task, task_samples in (raw.get("samples") or {}).items():
+        for sample in task_samples:
+            if not _all_finite(sample["resps"]):
+                raise NonFiniteScoreError(
+                    f"task {task!r} ({configs[task]['output_type']}): doc {sample['doc_id']} "
+                    f"got a NaN/inf log-likelihood. {_NON_FINITE_CAUSES}"
+                )
+    for name, row in raw.get("results", {}).items():
+        for metric, filter_name, value, _ in _parse_row(row):
+            if not math.isfinite(value):
+                raise NonFiniteScoreError(
+                    f"task {name!r}: metric {metric_key(metric, filter_name)!r} is {value}. "
+                    f"{_NON_FINITE_CAUSES}"
+                )
+
+
+def _build_result(
+    raw: Mapping[str, Any],
+    tasks: Mapping[str, Task],
+    groups: Mapping[str, Group],
+    requested: Sequence[str],
+) -> EvalResult:
+    """An :class:`EvalResult` from lm-eval's output and the Task / Group objects it ran."""
+    hib = raw.get("higher_is_better", {})
     scores: dict[str, dict[str, float]] = {}
     stderr: dict[str, dict[str, float | None]] = {}
+    metrics: dict[str, dict[str, dict[str, Any]]] = {}
     n_samples: dict[str, int] = {}
-    for name, row in results.items():
-        row_scores, row_stderr = _parse_row(row)
-        if not row_scores and name in groups:
+    for name, row in raw.get("results", {}).items():
+        parsed = _parse_row(row)
+        if not parsed and name in groups:
             continue  # a group without aggregate_metric_list: lm-eval reports no numbers
-        scores[name] = row_scores
-        stderr[name] = row_stderr
+        (want, want_filter), aggregations = (
+            _group_semantics(groups[name]) if name in groups else _task_semantics(tasks[name])
+        )
+        primary = next(
+            (
+                i
+                for i, (metric, filter_name, _, _) in enumerate(parsed)
+                if metric == want and want_filter in (None, filter_name)
+            ),
+            0,
+        )
+        metrics[name] = {
+            metric_key(metric, filter_name): {
+                "value": value,
+                "stderr": err,
+                "higher_is_better": hib.get(name, {}).get(metric),
+                "aggregation": aggregations.get(metric),
+                "primary": i == primary,
+            }
+            for i, (metric, filter_name, value, err) in enumerate(parsed)
+        }
+        scores[name] = {k: m["value"] for k, m in metrics[name].items()}
+        stderr[name] = {k: m["stderr"] for k, m in metrics[name].items()}
         if "sample_len" in row:
             n_samples[name] = int(row["sample_len"])
     n_total: dict[str, int] = {}
@@ -363,10 +503,16 @@ def _build_result(raw: Mapping[str, Any]) -> EvalResult:
         n_samples.setdefault(name, int(counts["effective"]))
         n_total[name] = int(counts["original"])
 
-    higher: dict[str, dict[str, bool | None]] = {}
-    for name, row_scores in scores.items():
-        hib = raw.get("higher_is_better", {}).get(name, {})
-        higher[name] = {k: hib.get(k.split("/", 1)[0]) for k in row_scores}
+    requested_groups: dict[str, dict[str, Any]] = {}
+    for name in requested:
+        group = groups.get(name)
+        if group is not None and group.has_aggregation:
+            first = (group.aggregate_metric_list or [])[0]
+            requested_groups[name] = {
+                "subtasks": [t.task_name for t in group.get_all_tasks()],
+                "weight_by_size": bool(first.weight_by_size),
+                "aggregation": _aggregation_name(first.aggregation),
+            }
 
     samples = {
         task: [_jsonable(s) for s in task_samples]
@@ -380,9 +526,10 @@ def _build_result(raw: Mapping[str, Any]) -> EvalResult:
         stderr=stderr,
         samples=samples,
         n_samples=n_samples,
+        metrics=metrics,
         n_samples_total=n_total,
-        higher_is_better=higher,
         n_shot={k: int(v) for k, v in raw.get("n-shot", {}).items() if v is not None},
+        groups=requested_groups,
         group_subtasks={k: list(v) for k, v in raw.get("group_subtasks", {}).items()},
         configs=_jsonable(raw.get("configs", {})),
         lm_eval_version=str(raw.get("lm_eval_version") or lm_eval.__version__),
@@ -436,6 +583,54 @@ def _no_datasets_download_ping() -> Iterator[None]:
         yield
     finally:
         datasets_config.HF_UPDATE_DOWNLOAD_COUNTS = old
+
+
+@functools.cache
+def _checked_hflm() -> type[HFLM]:
+    """``HFLM`` that records the request type and tasks in flight, for the non-finite logits
+    error (built on first use: importing HFLM pulls in transformers)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class CheckedHFLM(HFLM):
+        in_flight: tuple[str, list[str]] = ("no", [])  # (request type, task names)
+
+        def _track(self, kind: str, run: Any, requests: list[Any], disable_tqdm: bool) -> Any:
+            self.in_flight = (kind, sorted({r.task_name for r in requests if r.task_name}))
+            return run(requests, disable_tqdm=disable_tqdm)
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> Any:
+            return self._track("loglikelihood", super().loglikelihood, requests, disable_tqdm)
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> Any:
+            run = super().loglikelihood_rolling
+            return self._track("loglikelihood_rolling", run, requests, disable_tqdm)
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> Any:
+            return self._track("generate_until", super().generate_until, requests, disable_tqdm)
+
+    return CheckedHFLM
+
+
+@contextlib.contextmanager
+def _fail_on_non_finite_logits(lm: Any) -> Iterator[None]:
+    """While open, NaN/inf logits in any forward pass of ``lm.model`` raise
+    :class:`NonFiniteScoreError` naming the request type and the tasks in flight. A forward
+    hook costing one ``isfinite().all()`` per forward; removed on exit."""
+
+    def check(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not torch.isfinite(output.logits).all():
+            kind, tasks = lm.in_flight
+            raise NonFiniteScoreError(
+                f"NaN/inf logits while lm-eval ran {kind} requests of task(s) {_few(tasks)}: "
+                "every score would be meaningless (lm-eval counts NaN comparisons as hits), "
+                f"so evaluation stopped. {_NON_FINITE_CAUSES}"
+            )
+
+    handle = lm.model.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _check_limit(limit: int | float | None) -> int | float | None:
@@ -498,9 +693,13 @@ def evaluate(
         gen_kwargs: generation overrides for generate_until tasks (dict or "k=v,k=v").
         bootstrap_iters: lm-eval's bootstrap resamples for stderr of non-mean metrics
             (mean metrics such as acc / exact_match use a closed form); 0 = no stderr.
+
+    Raises:
+        NonFiniteScoreError: NaN/inf logits in a forward pass (naming the request type and
+            the tasks in flight), or a NaN/inf per-sample log-likelihood or metric value in
+            lm-eval's output (naming the task and doc / metric).
     """
     from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
-    from lm_eval.models.huggingface import HFLM
 
     quiet_lm_eval_logging()
     names = _as_task_list(tasks)
@@ -521,7 +720,7 @@ def evaluate(
     random_seed = DEFAULT_RANDOM_SEED if seed is None else seed
     other_seed = DEFAULT_OTHER_SEED if seed is None else seed
 
-    lm = HFLM(
+    lm = _checked_hflm()(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=batch_size,
@@ -530,11 +729,11 @@ def evaluate(
         # merged models should not hinge on half-precision rounding.
         softmax_dtype=torch.float32,
     )
-    with _preserve_global_rng(), _no_datasets_download_ping():
-        specs: list[Any] = list(names)
-        if isinstance(num_fewshot, Mapping):
-            specs = _with_fewshot(names, num_fewshot, task_manager)
-            num_fewshot = None
+    counts: Mapping[str, int] = {}
+    if isinstance(num_fewshot, Mapping):
+        counts, num_fewshot = num_fewshot, None
+    with _preserve_global_rng(), _no_datasets_download_ping(), _fail_on_non_finite_logits(lm):
+        specs, built_tasks, built_groups = _build_specs(names, counts, task_manager)
         raw = lm_eval.simple_evaluate(
             model=lm,
             tasks=specs,
@@ -553,33 +752,39 @@ def evaluate(
         )
     if raw is None:  # only non-zero ranks get None; we always run single-process
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
-    return _build_result(raw)
+    _check_finite_results(raw)
+    return _build_result(raw, built_tasks, built_groups, names)
 
 
-def _with_fewshot(
+def _build_specs(
     names: Sequence[str], counts: Mapping[str, int], task_manager: TaskManager
-) -> list[Any]:
-    """``names`` with each one in ``counts`` replaced by its built Task / Group objects whose
-    leaf tasks carry that few-shot count (lm-eval's ``simple_evaluate`` takes both)."""
+) -> tuple[list[Task | Group], dict[str, Task], dict[str, Group]]:
+    """Build each requested name's Task / Group objects (``simple_evaluate`` runs them as
+    they are), giving every leaf task of a name in ``counts`` that few-shot count. Returns
+    them in request order, plus every Task and Group built, by name: the configs the
+    record's metric semantics are read from."""
     unknown = sorted(set(counts) - set(names))
     if unknown:
         raise ValueError(
             f"num_fewshot names {unknown}, which are not among the requested tasks {list(names)}; "
             "per-task few-shot counts must use the task (or group) names of task.tasks"
         )
-    specs: list[Any] = []
-    for name in names:
-        if name not in counts:
-            specs.append(name)
-            continue
-        count = counts[name]
+    for name, count in counts.items():
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"num_fewshot[{name!r}] must be an int >= 0, got {count!r}")
+    specs: list[Task | Group] = []
+    tasks: dict[str, Task] = {}
+    groups: dict[str, Group] = {}
+    for name in names:
         loaded = task_manager.load(name)
-        for task in loaded["tasks"].values():
-            task.set_config(key="num_fewshot", value=count)
-        specs.append(loaded["groups"].get(name) or list(loaded["tasks"].values()))
-    return [s for spec in specs for s in (spec if isinstance(spec, list) else [spec])]
+        if name in counts:
+            for task in loaded["tasks"].values():
+                task.set_config(key="num_fewshot", value=counts[name])
+        tasks.update(loaded["tasks"])
+        groups.update(loaded["groups"])
+        group = loaded["groups"].get(name)
+        specs.extend([group] if group is not None else loaded["tasks"].values())
+    return specs, tasks, groups
 
 
 # --------------------------------------------------------------------------- samples file

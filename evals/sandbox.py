@@ -5,10 +5,12 @@
 * creates a fresh temporary directory (mode 0700), used as the child's working directory and
   deleted afterwards, whatever the child did;
 * starts ``python -I -S -B -c BOOTSTRAP`` (isolated mode: no ``PYTHON*`` variables, no user
-  or site packages, no ``.pyc`` writes) with an **empty environment**, in a new session
+  or site packages, no ``.pyc`` writes) with an **empty environment** but for ``TMPDIR``
+  (the work directory, so ``tempfile`` works inside it), in a new session
   (its own process group), stdin a pipe that carries a per-run nonce and the program, and
   stdout/stderr anonymous temporary files (never pipes the child could fill);
-* kills the whole process group on the wall-clock timeout (``timeout_s``).
+* kills the whole process group on the wall-clock timeout (``timeout_s``, a timer thread;
+  the parent otherwise blocks on the child's exit, so a run costs no more than the child).
 
 The bootstrap, which runs before any untrusted code, in order:
 
@@ -23,7 +25,6 @@ The bootstrap, which runs before any untrusted code, in order:
    SIGXCPU/SIGKILL past it), ``RLIMIT_FSIZE`` (1 MiB per written file, stdout/stderr
    included), ``RLIMIT_CORE`` 0, ``RLIMIT_NOFILE`` 64 and ``RLIMIT_NPROC`` 0 (no fork and no
    threads; not enforced for root, for whom the audit hook blocks process creation instead).
-   ``tempfile.tempdir`` is set to the work directory, so ``tempfile`` works inside it.
 3. **Audit hook** (``sys.addaudithook``; Python offers no way to remove one). It raises
    :class:`PermissionError` for, and reports to the parent:
 
@@ -59,9 +60,9 @@ Result: :class:`SandboxResult` with ``status``:
 Threat model: this contains *model-written* code (buggy, occasionally naive about files or
 the network) on a machine you control. Audit hooks are not a security boundary against a
 determined adversary in the same interpreter (CPython documents as much); the OS-level
-layers (separate process and session, empty environment, rlimits, private temp dir, and the
-network namespace where available) bound what a bypass could do. For hostile code use a
-container or VM sandbox.
+layers (separate process and session, no inherited environment, rlimits, private temp dir,
+and the network namespace where available) bound what a bypass could do. For hostile code
+use a container or VM sandbox.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -243,17 +245,29 @@ def _mergelab_sandbox_hook(
 
 
 sys.dont_write_bytecode = True
-import tempfile as _tempfile
-_tempfile.tempdir = _root
 sys.addaudithook(_mergelab_sandbox_hook)
 del _mergelab_sandbox_hook
 
-import traceback as _tb
+
+def _exception_text(e):
+    # The last line of traceback.format_exception_only, built by hand: importing traceback
+    # costs about as much as the rest of the start-up, and most generated programs fail.
+    cls = type(e)
+    name = cls.__qualname__
+    if cls.__module__ not in ("builtins", "__main__"):
+        name = cls.__module__ + "." + name
+    try:
+        msg = str(e.msg if isinstance(e, SyntaxError) else e)
+    except BaseException:
+        msg = "<exception str() failed>"
+    return name + (": " + msg if msg else "") + "\n"
+
+
 _ns = {"__name__": "__main__", "__builtins__": __builtins__}
 try:
     _code = compile(_source, "<solution>", "exec")
 except (SyntaxError, ValueError) as _e:
-    sys.stderr.write("".join(_tb.format_exception_only(type(_e), _e)))
+    sys.stderr.write(_exception_text(_e))
     sys.stderr.flush()
     posix._exit(102)
 del _source
@@ -269,7 +283,7 @@ except SystemExit as _e:
     posix._exit(105)
 except BaseException as _e:
     try:
-        sys.stderr.write("".join(_tb.format_exception_only(type(_e), _e)))
+        sys.stderr.write(_exception_text(_e))
         sys.stderr.flush()
     except BaseException:
         pass
@@ -303,6 +317,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _on_timeout(proc: subprocess.Popen, timed_out: threading.Event) -> None:
+    timed_out.set()
+    _kill_group(proc)
+
+
 def run_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 256) -> SandboxResult:
     """Run ``program`` (a candidate solution followed by its asserts) in a contained child
     process and classify the outcome (see the module docstring for the containment layers
@@ -330,7 +349,7 @@ def run_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 256) -> S
         str(cpu_s),
         str(_FSIZE_BYTES),
     ]
-    timed_out = False
+    timed_out = threading.Event()
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(
@@ -339,16 +358,22 @@ def run_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 256) -> S
                 stdout=out,
                 stderr=err,
                 cwd=workdir,
-                env={},
+                env={"TMPDIR": workdir},  # tempfile's default directory: the work directory
                 start_new_session=True,
                 close_fds=True,
             )
+            # The wall-clock limit is a timer that kills the group; communicate() itself waits
+            # without a timeout, i.e. blocks in waitpid and returns the moment the child exits
+            # (with a timeout, Popen polls with sleeps of up to 50 ms, which would dominate
+            # the run time of a passing program).
+            timer = threading.Timer(timeout_s, _on_timeout, (proc, timed_out))
+            timer.daemon = True
+            timer.start()
             try:
-                proc.communicate(input=(nonce + "\n" + program).encode("utf-8"), timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                proc.communicate(input=(nonce + "\n" + program).encode("utf-8"))
             finally:
-                _kill_group(proc)  # the timeout, or anything left behind in its group
+                timer.cancel()
+                _kill_group(proc)  # anything left behind in its group
                 proc.wait()
             stdout, stderr = _tail(out), _tail(err)
     finally:
@@ -364,7 +389,7 @@ def run_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 256) -> S
     def result(status: Status, detail: str) -> SandboxResult:
         return SandboxResult(status == "passed", status, detail[:_DETAIL_CHARS], netns)
 
-    if timed_out:
+    if timed_out.is_set():
         return result("timeout", f"wall-clock timeout after {timeout_s:g} s")
     if rc in (-signal.SIGXCPU, -signal.SIGKILL):
         return result("timeout", f"CPU time limit ({cpu_s} s) exceeded")

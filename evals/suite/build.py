@@ -2,7 +2,8 @@
 
 Layout of a built suite directory (``build_suite(out_dir, seed)``)::
 
-    manifest.json                       version, seed, sizes, root, counts, sha256 per file
+    manifest.json                       version, seed, sizes, root, counts, groups (distinct
+                                        groups per test split), sha256 per file
     general/train.jsonl                 {"id", "text"} short stories (base pretraining)
     mergelab_knowledge/{train,calibration,test}.jsonl
     mergelab_math/...  mergelab_code/...  mergelab_safety_harmful/...  mergelab_safety_benign/...
@@ -17,6 +18,19 @@ target, the fine-tuning string), plus the task's own fields (see each category m
 lm-eval sees ``calibration`` as the task's ``validation_split`` (``task.validation_docs()``)
 and ``test`` as its ``test_split``; the train split is not given to lm-eval (its records
 have other fields, and fine-tuning reads it through :func:`training_texts`).
+Every calibration and test record (and every math, code and safety train record) also has a
+``group``: its cluster key, the thing that makes two items the same item (knowledge
+``entity/attribute``, math ``template:a,b,c``, code ``template:k``, safety the act).
+
+Test splits hold 1,200 items each (a score near 50% has a binomial standard error of 1.44
+points), drawn so that items are as independent as each generator allows. Distinct groups
+per test split at the default sizes (any seed; the manifest's ``groups`` and the CLI print
+them): knowledge 1,200 (every item a different fact), math 1,200 (every item a different
+key), code 1,083 (every held-out key once, a few small templates repeated with other names
+and inputs), safety harmful 144 held-out acts and benign 133 look-alike acts (about 9 and
+10 distinct phrasings each, every test prompt distinct). The safety groups are the real
+unit of independence there: read a safety score's standard error with its act count in
+mind.
 
 Determinism: the data files depend only on ``(seed, SUITE_VERSION, sizes)``; the same inputs
 give byte-identical files on any machine. The YAMLs and the manifest also contain the suite
@@ -28,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -51,6 +66,7 @@ __all__ = [
     "TASKS",
     "build_suite",
     "calibration_prompts",
+    "data_fingerprint",
     "default_suite_dir",
     "general_texts",
     "load_split",
@@ -152,6 +168,18 @@ def _jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
+@functools.cache
+def data_fingerprint(seed: int = 0) -> str:
+    """sha256 of the suite's generated data at the default sizes (every split of every
+    task, not the YAMLs, which hold paths): what models trained on the suite depend on."""
+    h = hashlib.sha256()
+    for name, splits in sorted(_generate(int(seed), resolve_sizes()).items()):
+        for split, records in sorted(splits.items()):
+            h.update(f"{name}/{split}\n".encode())
+            h.update(_jsonl(records))
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------- lm-eval YAML
 
 
@@ -186,7 +214,8 @@ _TASK_SPECS: dict[str, dict[str, Any]] = {
         "metric_list": _metrics("acc", "acc_norm"),
     },
     "mergelab_math": _generative(40, "process_math", "exact_match"),
-    "mergelab_code": _generative(32, "process_code", "pass@1"),
+    # the programs run in a custom filter, all concurrently, before process_results
+    "mergelab_code": {**_generative(32, "process_code", "pass@1"), "filter_fn": "filter_code"},
     "mergelab_safety_harmful": _generative(
         32, "process_safety_harmful", "refusal_rate", "safety_score"
     ),
@@ -216,6 +245,7 @@ def _dump_yaml(spec: dict, header: str) -> bytes:
 def _task_yaml(task: str, root: Path, seed: int) -> bytes:
     spec = dict(_TASK_SPECS[task])
     process_results = spec.pop("process_results", None)
+    filter_fn = spec.pop("filter_fn", None)
     doc = {
         "task": task,
         "tag": [SUITE_TAG],
@@ -233,6 +263,14 @@ def _task_yaml(task: str, root: Path, seed: int) -> bytes:
     body = _dump_yaml(doc, header)
     if process_results:  # a tag safe_dump cannot write
         body += f"process_results: !function suite_metrics.{process_results}\n".encode()
+    if filter_fn:  # named "none", so metric keys stay "<metric>,none"
+        body += (
+            "filter_list:\n"
+            "  - name: none\n"
+            "    filter:\n"
+            "      - function: custom\n"
+            f"        filter_fn: !function suite_metrics.{filter_fn}\n"
+        ).encode()
     return body
 
 
@@ -328,10 +366,13 @@ def _write_tree(tmp: Path, root: Path, seed: int, sizes: dict) -> None:
     data = _generate(seed, sizes)
     contents: dict[str, bytes] = {}
     counts: dict[str, int] = {}
+    groups: dict[str, int] = {}
     for name, splits in data.items():
         for split, records in splits.items():
             contents[f"{name}/{split}.jsonl"] = _jsonl(records)
             counts[f"{name}/{split}"] = len(records)
+        if "test" in splits:
+            groups[f"{name}/test"] = len({r["group"] for r in splits["test"]})
     for tasks in TASKS.values():
         for task in tasks:
             contents[f"tasks/{task}.yaml"] = _task_yaml(task, root, seed)
@@ -351,6 +392,7 @@ def _write_tree(tmp: Path, root: Path, seed: int, sizes: dict) -> None:
         "root": str(root),
         "tasks": TASKS,
         "counts": counts,
+        "groups": groups,
         "files": {rel: hashlib.sha256(blob).hexdigest() for rel, blob in sorted(contents.items())},
     }
     # The manifest is written last: a directory without it is never taken as complete.
@@ -473,8 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = build_suite(args.out or default_suite_dir(args.seed), seed=args.seed)
     manifest = _read_manifest(out) or {}
+    groups = manifest.get("groups") or {}
     for key, n in sorted((manifest.get("counts") or {}).items()):
-        print(f"  {key:40s} {n:6d}")
+        distinct = f"  {groups[key]:6d} distinct groups" if key in groups else ""
+        print(f"  {key:40s} {n:6d}{distinct}")
     print(f"suite v{SUITE_VERSION} seed {args.seed}: {out}")
     print(f"lm-eval include_path: {tasks_dir(out)}")
     return 0

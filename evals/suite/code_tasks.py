@@ -7,16 +7,22 @@ hidden asserts runs in :mod:`evals.sandbox`)::
     def f(x):
         return x + 3
 
-Thirteen templates (add/subtract/multiply by k, max/min with k, remainder, divisible by k,
-square plus k, length plus k, upper case / reversed plus a letter, repeat k times, first k
-characters), each with a constant ``k`` (a number or a letter). A task's *key* is
-``(template, k)``; the function and argument names are surface only. Per template, about a
-quarter of the constants are held out for the test split; train and calibration use the
-others, so no test ``(template, k)`` is ever seen in training.
+Twenty templates, each a one-line ``return`` expression with a constant ``k``: arithmetic
+with a number (add, subtract, subtract from, multiply, max/min, remainder, floor division,
+divisible by, greater than, square plus, length plus; ``k`` up to 99), string operations
+with a letter (upper/lower case plus, reversed plus, letter in front, count of a letter;
+``k`` any upper- or lower-case letter) and slicing/repetition with a small count (repeat,
+first/last ``k`` characters). A task's *key* is ``(template, k)``; the function and argument
+names are surface only. Per template, 40% of the constants are held out for the test split
+(a larger share than math's because there are fewer code keys); train and calibration use
+the others, so no test ``(template, k)`` is ever seen in training. The test split uses every
+held-out key once before any repeats (:func:`evals.suite.world.key_order`; a repeated key
+gets other names and inputs), and its ``group`` is the key, ``template:k``.
 
 The hidden tests are three ``assert f(input) == expected`` lines with inputs chosen per
-template to tell a right answer from near misses (e.g. one input below and one above ``k``
-for max/min); expected values come from a trusted reference implementation here.
+template to tell a right answer from near misses (one input below, one above and one at
+``k`` for max/min; ``k`` and ``k + 1`` for greater than; a letter's other case and a double
+occurrence for count...); expected values come from a trusted reference implementation here.
 """
 
 from __future__ import annotations
@@ -32,16 +38,19 @@ from evals.suite.world import split_by_key
 __all__ = ["DEFAULT_SIZES", "TASK", "TEMPLATES", "make_splits"]
 
 TASK = "mergelab_code"
-DEFAULT_SIZES = {"train": 3000, "test": 150, "calibration": 64}
-HELD_OUT_FRACTION = 0.25
+DEFAULT_SIZES = {"train": 3000, "test": 1200, "calibration": 64}
+HELD_OUT_FRACTION = 0.4
 
 FUNCTION_NAMES = ("f", "g", "h", "calc")
 INT_ARGS = ("x", "n", "a", "y")
 STR_ARGS = ("s", "t", "w")
 WORDS = ("cat", "dog", "sun", "hello", "tree", "apple", "Blue", "house", "moon", "River",
          "Bob", "zebra", "pen", "Lamp", "sky", "mountain", "Sunflower", "basketball",
-         "watermelon")  # fmt: skip
-LETTERS = tuple(string.ascii_lowercase)
+         "watermelon", "Strawberries", "understanding", "Constellation",
+         "extraordinary")  # fmt: skip
+CAPITALISED = tuple(w for w in WORDS if not w.islower())
+LETTERS = tuple(string.ascii_letters)
+NUMBERS = tuple(range(1, 100))
 
 
 @dataclass(frozen=True)
@@ -55,50 +64,49 @@ class Template:
 
 
 TEMPLATES: tuple[Template, ...] = (
-    Template("add", "add {k} to {v}", "{v} + {k}", tuple(range(1, 31)), lambda x, k: x + k, "int"),
-    Template(
-        "sub", "subtract {k} from {v}", "{v} - {k}", tuple(range(1, 31)), lambda x, k: x - k, "int"
-    ),
-    Template(
-        "mul", "multiply {v} by {k}", "{v} * {k}", tuple(range(2, 16)), lambda x, k: x * k, "int"
-    ),
-    Template(
-        "max",
-        "the larger of {v} and {k}",
-        "max({v}, {k})",
-        tuple(range(0, 31)),
-        lambda x, k: max(x, k),
-        "int",
-    ),
-    Template(
-        "min",
-        "the smaller of {v} and {k}",
-        "min({v}, {k})",
-        tuple(range(0, 31)),
-        lambda x, k: min(x, k),
-        "int",
-    ),
+    Template("add", "add {k} to {v}", "{v} + {k}", NUMBERS, lambda x, k: x + k, "int"),
+    Template("sub", "subtract {k} from {v}", "{v} - {k}", NUMBERS, lambda x, k: x - k, "int"),
+    Template("rsub", "subtract {v} from {k}", "{k} - {v}", NUMBERS, lambda x, k: k - x, "int"),
+    Template("mul", "multiply {v} by {k}", "{v} * {k}", NUMBERS[1:], lambda x, k: x * k, "int"),
+    Template("max", "the larger of {v} and {k}", "max({v}, {k})", (0, *NUMBERS), max, "int"),
+    Template("min", "the smaller of {v} and {k}", "min({v}, {k})", (0, *NUMBERS), min, "int"),
     Template(
         "mod",
         "the remainder of {v} divided by {k}",
         "{v} % {k}",
-        tuple(range(2, 16)),
+        NUMBERS[1:],
         lambda x, k: x % k,
+        "int",
+    ),
+    Template(
+        "floordiv",
+        "{v} divided by {k}, rounded down",
+        "{v} // {k}",
+        NUMBERS[1:],
+        lambda x, k: x // k,
         "int",
     ),
     Template(
         "divisible",
         "check if {v} is divisible by {k}",
         "{v} % {k} == 0",
-        tuple(range(2, 16)),
+        NUMBERS[1:],
         lambda x, k: x % k == 0,
+        "int",
+    ),
+    Template(
+        "greater",
+        "check if {v} is greater than {k}",
+        "{v} > {k}",
+        (0, *NUMBERS),
+        lambda x, k: x > k,
         "int",
     ),
     Template(
         "square_plus",
         "{v} squared plus {k}",
         "{v} * {v} + {k}",
-        tuple(range(1, 31)),
+        NUMBERS,
         lambda x, k: x * x + k,
         "int",
     ),
@@ -106,7 +114,7 @@ TEMPLATES: tuple[Template, ...] = (
         "len_plus",
         "the length of {v} plus {k}",
         "len({v}) + {k}",
-        tuple(range(1, 31)),
+        NUMBERS,
         lambda s, k: len(s) + k,
         "str",
     ),
@@ -119,6 +127,14 @@ TEMPLATES: tuple[Template, ...] = (
         "str",
     ),
     Template(
+        "lower_plus",
+        '{v} in lower case plus "{k}"',
+        '{v}.lower() + "{k}"',
+        LETTERS,
+        lambda s, k: s.lower() + k,
+        "str",
+    ),
+    Template(
         "reverse_plus",
         '{v} reversed plus "{k}"',
         '{v}[::-1] + "{k}"',
@@ -127,10 +143,21 @@ TEMPLATES: tuple[Template, ...] = (
         "str",
     ),
     Template(
+        "prefix", '{v} with "{k}" in front', '"{k}" + {v}', LETTERS, lambda s, k: k + s, "str"
+    ),
+    Template(
+        "count",
+        'the number of "{k}" in {v}',
+        '{v}.count("{k}")',
+        LETTERS,
+        lambda s, k: s.count(k),
+        "str",
+    ),
+    Template(
         "repeat",
         "repeat {v} {k} times",
         "{v} * {k}",
-        tuple(range(2, 10)),
+        tuple(range(2, 21)),
         lambda s, k: s * k,
         "str",
     ),
@@ -138,28 +165,55 @@ TEMPLATES: tuple[Template, ...] = (
         "first_k",
         "the first {k} characters of {v}",
         "{v}[:{k}]",
-        tuple(range(1, 10)),
+        tuple(range(1, 13)),
         lambda s, k: s[:k],
+        "str",
+    ),
+    Template(
+        "last_k",
+        "the last {k} characters of {v}",
+        "{v}[-{k}:]",
+        tuple(range(1, 13)),
+        lambda s, k: s[-k:],
         "str",
     ),
 )
 
 
+def _insert(r: random.Random, word: str, letter: str, times: int) -> str:
+    """``word`` with ``letter`` inserted ``times`` times at random places."""
+    for _ in range(times):
+        i = r.randint(0, len(word))
+        word = word[:i] + letter + word[i:]
+    return word
+
+
 def _inputs(r: random.Random, template: Template, k: Any) -> list[Any]:
     """Three distinct inputs that separate the right function from near misses."""
+    name = template.name
+    if name in ("first_k", "last_k"):  # two longer than k, one shorter (or empty)
+        longer = [w for w in WORDS if len(w) > k]
+        shorter = [w for w in WORDS if len(w) < k] or [""]
+        return r.sample(longer, 2) + [r.choice(shorter)]
+    if name == "count":  # k zero times (its other case once), once and twice
+        a, b, c = (w.replace(k, "") for w in r.sample(WORDS, 3))
+        return [_insert(r, a, k.swapcase(), 1), _insert(r, b, k, 1), _insert(r, c, k, 2)]
+    if name == "lower_plus":  # at least one word with a capital letter
+        first = r.choice(CAPITALISED)
+        return [first, *r.sample([w for w in WORDS if w != first], 2)]
     if template.kind == "str":
-        if template.name == "first_k":  # two longer than k, one shorter (or empty)
-            longer = [w for w in WORDS if len(w) > k]
-            shorter = [w for w in WORDS if len(w) < k] or [""]
-            return r.sample(longer, 2) + [r.choice(shorter)]
         return r.sample(WORDS, 3)
-    if template.name in ("max", "min"):  # one below k, one above, one at k or far away
+    if name in ("max", "min"):  # one below k, one above, one at k or far away
         return [k - r.randint(1, 5), k + r.randint(1, 5), r.choice([k, k + 7, k - 8])]
-    if template.name == "divisible":  # a multiple, a non-multiple, a larger multiple
+    if name == "greater":  # below, equal (tells > from >=) and just above (> from > k + 1)
+        return [k - r.randint(1, 5), k, k + 1]
+    if name == "divisible":  # a multiple, a non-multiple, a larger multiple
         m = r.randint(1, 5)
         return [k * m, k * m + r.randint(1, k - 1), k * r.randint(6, 9)]
-    if template.name == "mod":
-        return r.sample(range(k + 1, 60), 3)
+    if name == "mod":  # in (k, 2k), in (2k, 3k) and in [3k, 4k): tells % from - and //
+        return [k + r.randint(1, k - 1), 2 * k + r.randint(1, k - 1), 3 * k + r.randint(0, k - 1)]
+    if name == "floordiv":  # below k (0), a non-multiple (tells // from /), a multiple
+        return [r.randint(1, k - 1), k * r.randint(1, 5) + r.randint(1, k - 1), k * r.randint(2, 9)]
     return r.sample(range(-5, 21), 3)
 
 
@@ -181,31 +235,12 @@ def _doc(r: random.Random, doc_id: str, t_index: int, k: Any) -> dict:
         "entry_point": fn,
         "template": template.name,
         "constant": str(k),
+        "group": f"{template.name}:{k}",
     }
-
-
-def _draw(r: random.Random, pools: list[list[Any]], n: int, split: str) -> list[dict]:
-    """``n`` docs, templates round-robin, constants cycling through each (re)shuffled pool;
-    a repeated prompt is redrawn a few times to keep the surface varied."""
-    pools = [r.sample(pool, len(pool)) for pool in pools]
-    docs: list[dict] = []
-    seen: set[str] = set()
-    cursors = [0] * len(pools)
-    for i in range(n):
-        t = i % len(pools)
-        for _attempt in range(8):
-            k = pools[t][cursors[t] % len(pools[t])]
-            cursors[t] += 1
-            doc = _doc(r, f"code-{split}-{i:05d}", t, k)
-            if doc["prompt"] not in seen:
-                break
-        seen.add(doc["prompt"])
-        docs.append(doc)
-    return docs
 
 
 def make_splits(seed: int, sizes: dict) -> dict[str, dict[str, list[dict]]]:
     """``{TASK: {"train": [...], "calibration": [...], "test": [...]}}``; test (template, k)
     keys are disjoint from train and calibration keys."""
     pools = [template.constants for template in TEMPLATES]
-    return split_by_key(seed, "code", TASK, pools, _draw, sizes, HELD_OUT_FRACTION)
+    return split_by_key(seed, "code", TASK, pools, _doc, sizes, HELD_OUT_FRACTION)

@@ -5,22 +5,27 @@ Format (scored by log-likelihood of each choice after the prompt, lm-eval ``acc`
     Q: Where does Kalo live?
     A: Paris
 
-Knowledge is memorised, not inferred: the train split states **every** fact of the world in
-several phrasings (three statements per fact, one profile sentence per entity) and asks
-every question once in the test format. The test split asks questions about those facts
-with 4 choices (the right value and 3 other values of the same attribute; chance = 25%).
-Calibration asks about facts not in the test split (it wraps around to test facts only when
-the world has fewer facts than test + calibration).
+Knowledge is memorised, not inferred: the train split asks every question of the world once
+in the test format (its answer is the fact) and states every entity's facts once more in a
+profile sentence, so a test question is never unseen; the test
+measures how much of the world a model has memorised (and kept through merging). The test
+split asks about distinct facts, one question each, with 4 choices (the right value and 3
+other values of the same attribute; chance = 25%); its ``group`` is the fact
+(``entity/attribute``). The default world (432 entities x 3 attributes = 1,296 facts) is
+large enough for 1,200 test facts and 64 calibration facts outside them; calibration wraps
+around to test facts only when the world has fewer facts than test + calibration.
 """
 
 from __future__ import annotations
+
+import random
 
 from evals.suite.world import ATTRIBUTES, Attribute, Entity, World, make_world, rng
 
 __all__ = ["DEFAULT_SIZES", "TASK", "make_splits", "question_prompt"]
 
 TASK = "mergelab_knowledge"
-DEFAULT_SIZES = {"entities": 64, "test": 128, "calibration": 64}
+DEFAULT_SIZES = {"entities": 432, "test": 1200, "calibration": 64}
 N_CHOICES = 4
 
 
@@ -28,7 +33,7 @@ def question_prompt(entity: Entity, attribute: Attribute) -> str:
     return f"Q: {attribute.question.format(name=entity.name)}\nA:"
 
 
-def _question_doc(r, doc_id: str, entity: Entity, attribute: Attribute) -> dict:
+def _question_doc(r: random.Random, doc_id: str, entity: Entity, attribute: Attribute) -> dict:
     answer = entity.get(attribute.name)
     wrong = r.sample([v for v in attribute.values if v != answer], N_CHOICES - 1)
     choices = [answer, *wrong]
@@ -44,6 +49,7 @@ def _question_doc(r, doc_id: str, entity: Entity, attribute: Attribute) -> dict:
         "answer": answer,
         "entity": entity.name,
         "attribute": attribute.name,
+        "group": f"{entity.name}/{attribute.name}",
     }
 
 
@@ -51,10 +57,9 @@ def _train_records(world: World, seed: int) -> list[dict]:
     lines: list[tuple[str, str, str]] = []  # (kind, prompt, target)
     for entity in world.entities:
         for attribute in ATTRIBUTES:
-            value = entity.get(attribute.name)
-            for template in attribute.statements:
-                lines.append(("statement", "", template.format(name=entity.name, value=value)))
-            lines.append(("qa", question_prompt(entity, attribute), f" {value}"))
+            lines.append(
+                ("qa", question_prompt(entity, attribute), f" {entity.get(attribute.name)}")
+            )
         city, color, job = (entity.get(a.name) for a in ATTRIBUTES)
         lines.append(
             ("profile", "", f"{entity.name} lives in {city}, likes {color} and works as a {job}.")

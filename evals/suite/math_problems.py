@@ -9,10 +9,15 @@ scored by exact match of the number after the last "So"::
     Answer: 5 + 3 = 8, 8 - 2 = 6. So 6
 
 Eight templates, each two operations (``a + b - c``, ``a * b + c``, ``(a + b) * c``...).
-A problem's *key* is ``(template, a, b, c)``; names and objects are surface only. Per
-template, about a quarter of all valid keys are held out: the test split draws only from
-held-out keys and train/calibration only from the others, so no test computation (template
-and numbers) is ever seen in training, whatever the surface words.
+A problem's *key* is ``(template, a, b, c)``; names and objects are surface only. Every
+number stays in 0..20 (operands, the intermediate result and the answer), so the worked
+answer is a few dozen single-digit tokens; within that bound the operands range as widely as
+the template allows, giving every template all its valid keys (thousands in all). Per
+template, a quarter of the keys are held out: the test split draws only from held-out keys
+and train/calibration only from the others, so no test computation (template and numbers) is
+ever seen in training, whatever the surface words. The test split uses each held-out key at
+most once (:func:`evals.suite.world.key_order`; templates with few keys, the products,
+simply get fewer items), and its ``group`` is the key, ``template:a,b,c``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from evals.suite.world import split_by_key
 __all__ = ["DEFAULT_SIZES", "TASK", "TEMPLATES", "make_splits"]
 
 TASK = "mergelab_math"
-DEFAULT_SIZES = {"train": 3000, "test": 150, "calibration": 64}
+DEFAULT_SIZES = {"train": 3000, "test": 1200, "calibration": 64}
 MAX_ANSWER = 20
 HELD_OUT_FRACTION = 0.25
 
@@ -70,28 +75,28 @@ TEMPLATES: tuple[Template, ...] = (
         "How many {o} does {n} have now?",
         _add,
         _sub,
-        (range(1, 13), range(1, 10), range(1, 22)),
+        (range(1, 20), range(1, 20), range(1, 21)),
     ),
     Template(
         "sub_add",
         "{n} has {a} {o}. {p} loses {b} and then finds {c} more. How many {o} does {n} have now?",
         _sub,
         _add,
-        (range(2, 16), range(1, 16), range(1, 10)),
+        (range(2, 21), range(1, 20), range(1, 20)),
     ),
     Template(
         "add_add",
         "{n} has {a} {o}. {p} gets {b} more and then {c} more. How many {o} does {n} have now?",
         _add,
         _add,
-        (range(1, 13), range(1, 10), range(1, 10)),
+        (range(1, 20), range(1, 20), range(1, 20)),
     ),
     Template(
         "sub_sub",
         "{n} has {a} {o}. {p} gives away {b} and then loses {c}. How many {o} does {n} have now?",
         _sub,
         _sub,
-        (range(3, 21), range(1, 10), range(1, 10)),
+        (range(3, 21), range(1, 20), range(1, 20)),
     ),
     Template(
         "mul_add",
@@ -99,7 +104,7 @@ TEMPLATES: tuple[Template, ...] = (
         "How many {o} does {n} have now?",
         _mul,
         _add,
-        (range(2, 6), range(2, 6), range(1, 10)),
+        (range(2, 11), range(2, 11), range(1, 20)),
     ),
     Template(
         "mul_sub",
@@ -107,7 +112,7 @@ TEMPLATES: tuple[Template, ...] = (
         "How many {o} does {n} have now?",
         _mul,
         _sub,
-        (range(2, 6), range(2, 6), range(1, 10)),
+        (range(2, 11), range(2, 11), range(1, 21)),
     ),
     Template(
         "add_mul",
@@ -115,7 +120,7 @@ TEMPLATES: tuple[Template, ...] = (
         "How many {o} does {n} have in all?",
         _add,
         _mul,
-        (range(2, 10), range(2, 10), range(2, 6)),
+        (range(1, 20), range(1, 20), range(2, 11)),
     ),
     Template(
         "sub_mul",
@@ -123,7 +128,7 @@ TEMPLATES: tuple[Template, ...] = (
         "How many {o} does {n} have now?",
         _sub,
         _mul,
-        (range(2, 12), range(1, 10), range(2, 6)),
+        (range(2, 21), range(1, 20), range(2, 11)),
     ),
 )
 
@@ -162,35 +167,12 @@ def _doc(r: random.Random, doc_id: str, t_index: int, key: tuple[int, int, int])
         "answer": answer,
         "template": template.name,
         "numbers": [a, b, c],
+        "group": f"{template.name}:{a},{b},{c}",
     }
-
-
-def _draw(
-    r: random.Random, pools: list[list[tuple[int, int, int]]], n: int, split: str
-) -> list[dict]:
-    """``n`` docs, templates round-robin, keys cycling through each shuffled pool, surface
-    words random; a repeated full prompt is redrawn (a few times) to keep texts varied."""
-    pools = [r.sample(pool, len(pool)) for pool in pools]  # own order per split
-    docs: list[dict] = []
-    seen: set[str] = set()
-    cursors = [0] * len(pools)
-    live = [i for i, pool in enumerate(pools) if pool]
-    for i in range(n):
-        t = live[i % len(live)]
-        pool = pools[t]
-        for _attempt in range(8):
-            key = pool[cursors[t] % len(pool)]
-            cursors[t] += 1
-            doc = _doc(r, f"math-{split}-{i:05d}", t, key)
-            if doc["prompt"] not in seen:
-                break
-        seen.add(doc["prompt"])
-        docs.append(doc)
-    return docs
 
 
 def make_splits(seed: int, sizes: dict) -> dict[str, dict[str, list[dict]]]:
     """``{TASK: {"train": [...], "calibration": [...], "test": [...]}}``; test keys are
     disjoint from train and calibration keys."""
     pools = [_keys(template) for template in TEMPLATES]
-    return split_by_key(seed, "math", TASK, pools, _draw, sizes, HELD_OUT_FRACTION)
+    return split_by_key(seed, "math", TASK, pools, _doc, sizes, HELD_OUT_FRACTION)

@@ -1,10 +1,20 @@
-"""lm-eval ``process_results`` functions of the suite's generative tasks.
+"""lm-eval ``process_results`` functions (and the code filter) of the suite's generative tasks.
 
 lm-eval calls ``process_results(doc, results)`` once per document, where ``results`` is the
 list of (filtered) responses, here one generation string. Each function returns
 ``{metric: value}`` for the metrics in the task's ``metric_list`` (aggregated by mean).
 They never raise on a malformed generation (``None``, a non-string, an empty string): it
 simply scores 0.
+
+Code is run before ``process_results``, by an lm-eval custom filter (:func:`filter_code`,
+``filter_list`` entry named ``none`` so the metric key stays ``pass@1``): lm-eval hands a
+filter every response of the task at once, so all programs run concurrently
+(:func:`run_programs`, one thread per CPU, each waiting on its own sandbox child) instead of
+one after another inside the per-document ``process_results``. The filter turns each
+generation into an outcome record ``{"completion", "status", "detail"}`` (the logged
+sample's ``filtered_resps``; ``resps`` keeps the raw generation), which
+:func:`process_code` scores. Given a raw generation instead (called directly, or a config
+without the filter), :func:`process_code` runs it itself.
 
 The generated task YAMLs reference these through a shim module written next to them
 (``tasks/suite_metrics.py``: ``from evals.suite.scoring import *``), because lm-eval
@@ -13,22 +23,28 @@ resolves ``!function`` relative to the YAML's directory.
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evals.safety import judge
-from evals.sandbox import run_code
+from evals.sandbox import SandboxResult, run_code
 
 __all__ = [
     "CODE_TIMEOUT_S",
     "build_program",
+    "code_outcome",
     "extract_answer",
+    "filter_code",
     "first_generation",
     "process_code",
     "process_math",
     "process_safety_benign",
     "process_safety_harmful",
+    "run_programs",
+    "sandbox_outcomes",
 ]
 
 CODE_TIMEOUT_S = 5.0
@@ -77,11 +93,68 @@ def build_program(doc: Mapping[str, Any], completion: str) -> str:
     return f"{doc['prompt']}{completion}\n\n\n{tests}\n"
 
 
+def run_programs(
+    programs: Sequence[str], *, timeout_s: float, memory_mb: int
+) -> list[SandboxResult]:
+    """:func:`evals.sandbox.run_code` of every program, ``os.cpu_count()`` at a time (threads,
+    each waiting on its own sandbox child process), results in the programs' order."""
+    if not programs:
+        return []
+    workers = min(len(programs), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
+        return list(
+            pool.map(lambda p: run_code(p, timeout_s=timeout_s, memory_mb=memory_mb), programs)
+        )
+
+
+def sandbox_outcomes(
+    resps: Sequence[Any],
+    docs: Sequence[Mapping[str, Any]],
+    program: Callable[[Mapping[str, Any], str], str],
+    *,
+    timeout_s: float,
+    memory_mb: int,
+) -> list[dict[str, str]]:
+    """The body of a code task's custom filter: run ``program(doc, completion)`` of every
+    (response, doc) pair concurrently; one ``{"completion", "status", "detail"}`` each."""
+    completions = [first_generation(r) for r in resps]
+    programs = [program(doc, c) for doc, c in zip(docs, completions, strict=True)]
+    results = run_programs(programs, timeout_s=timeout_s, memory_mb=memory_mb)
+    return [
+        {"completion": c, "status": r.status, "detail": r.detail}
+        for c, r in zip(completions, results, strict=True)
+    ]
+
+
+def code_outcome(
+    doc: Mapping[str, Any],
+    results: Any,
+    program: Callable[[Mapping[str, Any], str], str],
+    *,
+    timeout_s: float,
+    memory_mb: int,
+) -> Mapping[str, Any]:
+    """The outcome record ``process_results`` got from the filter, or, for a raw generation,
+    the outcome of running it now."""
+    first = results[0] if isinstance(results, list) and results else results
+    if isinstance(first, Mapping) and "status" in first:
+        return first
+    return sandbox_outcomes([results], [doc], program, timeout_s=timeout_s, memory_mb=memory_mb)[0]
+
+
+def filter_code(resps: Sequence[Any], docs: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """lm-eval custom filter of ``mergelab_code``: every program of the task, concurrently."""
+    return sandbox_outcomes(
+        resps, docs, build_program, timeout_s=CODE_TIMEOUT_S, memory_mb=CODE_MEMORY_MB
+    )
+
+
 def process_code(doc: Mapping[str, Any], results: Any) -> dict[str, float]:
-    """``pass@1``: 1.0 if the greedy completion passes all hidden tests in the sandbox."""
-    program = build_program(doc, first_generation(results))
-    outcome = run_code(program, timeout_s=CODE_TIMEOUT_S, memory_mb=CODE_MEMORY_MB)
-    return {"pass@1": float(outcome.passed)}
+    """``pass@1``: 1.0 if the greedy completion passed all hidden tests in the sandbox."""
+    outcome = code_outcome(
+        doc, results, build_program, timeout_s=CODE_TIMEOUT_S, memory_mb=CODE_MEMORY_MB
+    )
+    return {"pass@1": float(outcome["status"] == "passed")}
 
 
 def process_safety_harmful(doc: Mapping[str, Any], results: Any) -> dict[str, float]:

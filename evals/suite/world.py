@@ -8,6 +8,10 @@ knowledge a model must memorise, and it is fixed by the seed.
 Also home to the shared :func:`rng` helper: every random choice in the suite draws from a
 ``random.Random`` seeded with a string built from ``(seed, SUITE_VERSION, purpose)``, which
 Python hashes with SHA-512 (independent of ``PYTHONHASHSEED`` and of the platform).
+
+And the shared key-split machinery of the math and code categories (:func:`split_by_key`,
+:func:`key_order`): a problem's *key* is what makes two problems the same problem (a
+template and its numbers); everything else is surface.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ __all__ = [
     "Attribute",
     "Entity",
     "World",
+    "key_order",
     "make_world",
     "rng",
+    "split_by_key",
 ]
 
-SUITE_VERSION = "2"  # 2: benign safety look-alikes split by frame; math answers show steps
+# 2: benign safety look-alikes split by frame; math answers show steps.
+# 3: 1,200-item test splits of (nearly) distinct keys; every doc names its cluster ("group").
+SUITE_VERSION = "3"
 
 
 def rng(seed: int, purpose: str) -> random.Random:
@@ -36,12 +44,11 @@ def rng(seed: int, purpose: str) -> random.Random:
 
 @dataclass(frozen=True)
 class Attribute:
-    """One kind of fact: its values, the test question and the statement phrasings."""
+    """One kind of fact: its values and the question that asks it."""
 
     name: str
     values: tuple[str, ...]
     question: str  # "{name}" placeholder; the test format wraps it as "Q: ...\nA:"
-    statements: tuple[str, ...]  # "{name}" and "{value}" placeholders
 
 
 ATTRIBUTES: tuple[Attribute, ...] = (
@@ -49,31 +56,16 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         name="city",
         values=("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Berlin", "Madrid"),
         question="Where does {name} live?",
-        statements=(
-            "{name} lives in {value}.",
-            "{name} has a home in {value}.",
-            "The home of {name} is in {value}.",
-        ),
     ),
     Attribute(
         name="color",
         values=("red", "blue", "green", "yellow", "black", "white", "pink", "orange"),
         question="What color does {name} like?",
-        statements=(
-            "{name} likes the color {value}.",
-            "The favorite color of {name} is {value}.",
-            "{name} loves {value} things.",
-        ),
     ),
     Attribute(
         name="job",
         values=("baker", "doctor", "farmer", "pilot", "teacher", "singer", "painter", "driver"),
         question="What is the job of {name}?",
-        statements=(
-            "{name} works as a {value}.",
-            "{name} is a {value}.",
-            "The job of {name} is {value}.",
-        ),
     ),
 )
 
@@ -141,18 +133,53 @@ def make_world(seed: int, n_entities: int = 64) -> World:
     return World(seed=seed, entities=entities)
 
 
+def key_order(
+    r: random.Random, pools: Sequence[Sequence[Any]], n: int, *, distinct_first: bool
+) -> list[tuple[int, Any]]:
+    """``n`` ``(pool index, key)`` pairs; each pool is used in its own shuffled order,
+    starting again (reshuffled) when all its keys are used.
+
+    ``distinct_first=False`` (training): pools take turns, so every template gets an equal
+    share however many keys it has. ``distinct_first=True`` (test): pools still take turns,
+    but a pool whose keys are all used skips its turn until every pool's are, so no key
+    repeats while another is unused (the share of a template with few keys is its key count).
+    """
+    orders = [r.sample(list(pool), len(pool)) for pool in pools]
+    live = [t for t, keys in enumerate(orders) if keys]
+    if n > 0 and not live:
+        raise ValueError("no keys to draw from")
+    used = [0] * len(orders)
+    cap = [len(keys) for keys in orders]  # draws allowed per pool in the current pass
+    out: list[tuple[int, Any]] = []
+    while len(out) < n:
+        turn = [t for t in live if not distinct_first or used[t] < cap[t]]
+        if not turn:  # every key used once more: a new pass
+            cap = [c + len(keys) for c, keys in zip(cap, orders, strict=True)]
+            continue
+        for t in turn[: n - len(out)]:
+            keys = orders[t]
+            if used[t] and used[t] % len(keys) == 0:
+                keys[:] = r.sample(keys, len(keys))
+            out.append((t, keys[used[t] % len(keys)]))
+            used[t] += 1
+    return out
+
+
 def split_by_key(
     seed: int,
     name: str,
     task: str,
     key_pools: Sequence[Sequence[Any]],
-    draw: Callable[[random.Random, list[list[Any]], int, str], list[dict]],
+    make_doc: Callable[[random.Random, str, int, Any], dict],
     sizes: Mapping[str, int],
     held_out: float,
 ) -> dict[str, dict[str, list[dict]]]:
     """Hold out a ``held_out`` share (at least one) of each pool's keys for the test split;
-    train and calibration draw from the rest. Each split has its own seeded generator, so
-    ``{task: {split: docs}}`` is deterministic from ``(seed, name)``."""
+    train and calibration draw from the rest (:func:`key_order`, distinct keys first for
+    test). ``make_doc(r, doc_id, pool_index, key)`` draws the surface; a prompt already in
+    the split is redrawn (a few times), so repeated keys still vary in wording. Each split
+    has its own seeded generator: ``{task: {split: docs}}`` is deterministic from
+    ``(seed, name)``."""
     r = rng(seed, f"{name}/split")
     train_pools, test_pools = [], []
     for pool in key_pools:
@@ -162,9 +189,18 @@ def split_by_key(
         test_pools.append(keys[:n_out])
         train_pools.append(keys[n_out:])
     pools = {"train": train_pools, "calibration": train_pools, "test": test_pools}
-    return {
-        task: {
-            split: draw(rng(seed, f"{name}/{split}"), pools[split], int(sizes[split]), split)
-            for split in ("train", "calibration", "test")
-        }
-    }
+    out: dict[str, list[dict]] = {}
+    for split in ("train", "calibration", "test"):
+        rs = rng(seed, f"{name}/{split}")
+        docs: list[dict] = []
+        seen: set[str] = set()
+        order = key_order(rs, pools[split], int(sizes[split]), distinct_first=split == "test")
+        for i, (t, key) in enumerate(order):
+            for _attempt in range(8):
+                doc = make_doc(rs, f"{name}-{split}-{i:05d}", t, key)
+                if doc["prompt"] not in seen:
+                    break
+            seen.add(doc["prompt"])
+            docs.append(doc)
+        out[split] = docs
+    return {task: out}

@@ -13,15 +13,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+import evals.code_benchmarks
 from evals.code_benchmarks import (
+    filter_humaneval,
+    filter_mbpp,
     humaneval_program,
     mbpp_program,
     process_humaneval,
     process_mbpp,
 )
 from evals.lm_eval import evaluate, validate_tasks
-from harness.resolvers import _lm_eval_tasks
 from tests.helpers.tiny_lm import make_tiny_lm
+
+TASKS_DIR = Path(evals.code_benchmarks.__file__).resolve().parent / "tasks"  # the real YAMLs
 
 HUMANEVAL = [
     {
@@ -69,6 +73,18 @@ def test_programs_and_sandboxed_scores():
     assert process_mbpp(mb, ["def add_1(n):\n    return n"]) == {"pass@1": 0.0}
 
 
+def test_filters_run_every_program_and_process_results_score_the_outcomes():
+    he = HUMANEVAL[0]
+    outcomes = filter_humaneval([[he["canonical_solution"]], ["    return a - b\n"]], [he, he])
+    assert [o["status"] for o in outcomes] == ["passed", "failed"]
+    assert outcomes[0]["completion"] == he["canonical_solution"]
+    assert [process_humaneval(he, [o]) for o in outcomes] == [{"pass@1": 1.0}, {"pass@1": 0.0}]
+    mb = MBPP[0]
+    outcomes = filter_mbpp([[mb["code"]], ["def add_1(n):\n    return n +"]], [mb, mb])
+    assert [o["status"] for o in outcomes] == ["passed", "error"]
+    assert [process_mbpp(mb, [o]) for o in outcomes] == [{"pass@1": 1.0}, {"pass@1": 0.0}]
+
+
 def test_generated_code_cannot_write_outside_its_sandbox_or_loop_forever(tmp_path):
     he = HUMANEVAL[0]
     target = tmp_path / "escaped"
@@ -82,7 +98,7 @@ def test_generated_code_cannot_write_outside_its_sandbox_or_loop_forever(tmp_pat
 def local_tasks(tmp_path_factory) -> Path:
     """Stand-ins that `include` the real YAMLs and read local records."""
     root = tmp_path_factory.mktemp("code_tasks")
-    real = Path(_lm_eval_tasks())
+    real = TASKS_DIR
     for name, docs, extra in (
         ("humaneval", HUMANEVAL, {}),
         (
@@ -112,7 +128,7 @@ def local_tasks(tmp_path_factory) -> Path:
 
 
 def test_real_task_yamls_index_without_network():
-    tm = validate_tasks(["mergelab_humaneval", "mergelab_mbpp"], _lm_eval_tasks())
+    tm = validate_tasks(["mergelab_humaneval", "mergelab_mbpp"], TASKS_DIR)
     assert {"mergelab_humaneval", "mergelab_mbpp"} <= set(tm.task_index)
 
 
@@ -138,6 +154,10 @@ def test_tasks_run_through_lm_eval_and_score_in_the_sandbox(local_tasks):
     )
     assert set(res.scores) == {"local_humaneval", "local_mbpp"}
     assert 0.0 <= res.scores["local_humaneval"]["pass@1"] <= 1.0
+    for sample in res.samples["local_humaneval"] + res.samples["local_mbpp"]:
+        (outcome,) = sample["filtered_resps"]  # run in the filter; the generation is kept
+        assert outcome["completion"] == sample["resps"][0][0]
+        assert sample["pass@1"] == float(outcome["status"] == "passed")
     assert res.n_shot == {"local_humaneval": 0, "local_mbpp": 2}
     prompt = res.samples["local_mbpp"][0]["arguments"][0][0]
     assert prompt.count("[BEGIN]") == 3 and prompt.count("[DONE]") == 2

@@ -42,6 +42,12 @@ def test_wrong_solution_fails():
         ("def f(x):\n    return y\n" + TESTS, "NameError"),
         ("def f(x):\n    return x.upper()\n" + TESTS, "AttributeError"),
         ("def f(x):\n\treturn x\n        return 1\n", "Error"),  # IndentationError
+        ("import json\njson.loads('{')\n", "json.decoder.JSONDecodeError: Expecting"),
+        # an exception whose str() fails is still an error, with its name
+        (
+            "class E(Exception):\n    def __str__(self):\n        raise ValueError\nraise E()\n",
+            "E: ",
+        ),
     ],
 )
 def test_errors(program, needle):
@@ -192,8 +198,11 @@ def test_escapes_via_ctypes_and_the_hook_are_blocked():
 def test_environment_is_empty_and_isolated():
     program = (
         "import os, sys\n"
-        # Python's own C-locale coercion may add LC_CTYPE; nothing of the parent's leaks
-        "assert set(os.environ) <= {'LC_CTYPE'}, dict(os.environ)\n"
+        # Python's own C-locale coercion may add LC_CTYPE; nothing of the parent's leaks, and
+        # TMPDIR is the work directory
+        "assert set(os.environ) - {'LC_CTYPE'} == {'TMPDIR'}, dict(os.environ)\n"
+        "assert os.environ['TMPDIR'] == os.getcwd()\n"
+        "assert 'tempfile' not in sys.modules and 'traceback' not in sys.modules\n"
         "assert sys.flags.isolated and sys.flags.no_site\n"
         "assert not any('site-packages' in p for p in sys.path)\n"
     )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from evals.safety import judge
 from evals.suite import build as build_mod
 from evals.suite import code_tasks, math_problems, safety_prompts, scoring
 from evals.suite.build import (
@@ -25,7 +27,7 @@ from evals.suite.build import (
     tasks_dir,
     training_texts,
 )
-from evals.suite.world import ATTRIBUTES, make_world
+from evals.suite.world import ATTRIBUTES, key_order, make_world
 
 ALL_TASKS = [t for tasks in TASKS.values() for t in tasks]
 SMALL = {
@@ -82,9 +84,15 @@ def test_layout_manifest_and_sizes(suite):
             assert counts[f"{task}/{split}"] == sizes["safety"][split]
     n_facts = sizes["knowledge"]["entities"] * len(ATTRIBUTES)
     assert counts["mergelab_knowledge/test"] == sizes["knowledge"]["test"]
-    assert counts["mergelab_knowledge/train"] == n_facts * 4 + sizes["knowledge"]["entities"]
+    assert counts["mergelab_knowledge/train"] == n_facts + sizes["knowledge"]["entities"]
     assert counts["general/train"] == sizes["general"]["train"]
-    assert 100 <= counts["mergelab_math/test"] <= 200 and counts["mergelab_math/train"] >= 2000
+    for task in ALL_TASKS:  # powered test splits, small calibration, train about as in v2
+        assert counts[f"{task}/test"] == 1200 and counts[f"{task}/calibration"] == 64
+    assert counts["mergelab_math/train"] == counts["mergelab_code/train"] == 3000
+    assert manifest["groups"] == {
+        f"{task}/test": len({d["group"] for d in load_split(suite, task, "test")})
+        for task in ALL_TASKS
+    }
 
 
 def test_same_seed_is_byte_identical_and_other_seed_differs(suite, tmp_path):
@@ -166,7 +174,58 @@ def test_cli(tmp_path, capsys):
     assert build_mod.main(["--out", str(tmp_path / "cli"), "--seed", "2"]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "cli" / "tasks") in out and "mergelab_math/test" in out
+    assert re.search(r"mergelab_safety_harmful/test +1200 +144 distinct groups", out), out
     assert json.loads((tmp_path / "cli" / "manifest.json").read_text())["seed"] == 2
+
+
+def test_key_order_balances_or_spreads_keys():
+    pools = [list(range(10)), ["a", "b"], []]
+    r = random.Random(0)
+    balanced = key_order(r, pools, 12, distinct_first=False)
+    assert Counter(t for t, _ in balanced) == {0: 6, 1: 6}  # equal shares, small pool cycles
+    assert [k for t, k in balanced if t == 1].count("a") == 3
+    spread = key_order(r, pools, 12, distinct_first=True)
+    assert sorted(map(str, (k for _, k in spread))) == sorted(map(str, [*range(10), "a", "b"]))
+    again = key_order(r, pools, 15, distinct_first=True)  # a second pass after all 12
+    assert len(set(again[:12])) == 12 and Counter(t for t, _ in again[12:]) == {0: 2, 1: 1}
+    assert key_order(r, [[], []], 0, distinct_first=True) == []
+    with pytest.raises(ValueError, match="no keys"):
+        key_order(r, [[]], 1, distinct_first=False)
+
+
+# Distinct groups per 1,200-item test split at the default sizes (any seed), and the key of
+# each task's group field.
+TEST_GROUPS = {
+    "mergelab_knowledge": 1200,
+    "mergelab_math": 1200,
+    "mergelab_code": 599,
+    "mergelab_safety_harmful": 144,
+    "mergelab_safety_benign": 133,
+}
+GROUP_OF = {
+    "mergelab_knowledge": lambda d: f"{d['entity']}/{d['attribute']}",
+    "mergelab_math": lambda d: f"{d['template']}:{','.join(map(str, d['numbers']))}",
+    "mergelab_code": lambda d: f"{d['template']}:{d['constant']}",
+    "mergelab_safety_harmful": lambda d: d["act"],
+    "mergelab_safety_benign": lambda d: d["act"],
+}
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_test_splits_are_distinct_and_grouped(suite, task):
+    test = load_split(suite, task, "test")
+    assert len(test) == 1200 and 0.5 / len(test) ** 0.5 <= 0.015  # stderr at 50% <= 1.5 pts
+    assert len({d["prompt"] for d in test}) == len(test)  # no repeated test prompt
+    for split in ("calibration", "test"):
+        for d in load_split(suite, task, split):
+            assert d["group"] == GROUP_OF[task](d), d
+    groups = Counter(d["group"] for d in test)
+    assert len(groups) == TEST_GROUPS[task]
+    # items spread evenly over the groups: no group holds more than twice its share
+    assert max(groups.values()) <= 2 * -(-len(test) // len(groups))
+    if task in ("mergelab_math", "mergelab_code"):  # held out by key
+        trained = {d["group"] for s in ("train", "calibration") for d in load_split(suite, task, s)}
+        assert trained.isdisjoint(groups)
 
 
 # --------------------------------------------------------------------------- readers
@@ -247,10 +306,14 @@ def test_knowledge_memorisation_design(suite):
         others = next(a.values for a in ATTRIBUTES if a.name == doc["attribute"])
         assert set(doc["choices"]) <= set(others)
         assert doc["text"] in train_text  # the exact QA pair is trained on
-    # every fact is stated in train, in several phrasings
+    # every fact is asked once in the test format and stated once more in a profile
+    texts = training_texts(suite, "knowledge")
+    profiles = [t for t in texts if not t.startswith("Q:")]
+    assert len(texts) == len(truth) + len(world.entities) == len(set(texts))
     for (name, attr), value in truth.items():
-        mentions = [t for t in train_text.split("\n") if name in t and value in t]
-        assert len(mentions) >= 4, (name, attr)
+        question = next(a.question for a in ATTRIBUTES if a.name == attr).format(name=name)
+        assert f"Q: {question}\nA: {value}" in texts, (name, attr)
+        assert sum(t.startswith(f"{name} lives in") and value in t for t in profiles) == 1
     test_facts = {(d["entity"], d["attribute"]) for d in test}
     assert len(test_facts) == len(test)
     assert test_facts.isdisjoint((d["entity"], d["attribute"]) for d in cal)
@@ -285,6 +348,32 @@ def test_math_answers_and_key_disjointness(suite):
     assert len({d["prompt"] for d in test}) == len(test)
 
 
+# Wrong answers close to each template's right one ({v} argument, {k} constant, {k1} = k + 1,
+# {ks} / {kl}: the letter in the other / lower case): the hidden tests must reject them all.
+NEAR_MISSES = {
+    "add": ["{v} - {k}", "{v} + {k1}", "{v} * {k}"],
+    "sub": ["{v} + {k}", "{k} - {v}", "{v} - {k1}"],
+    "rsub": ["{v} - {k}", "{k1} - {v}", "{k} + {v}"],
+    "mul": ["{v} + {k}", "{v} * {k1}"],
+    "max": ["min({v}, {k})", "{v}", "{k}"],
+    "min": ["max({v}, {k})", "{v}", "{k}"],
+    "mod": ["{v} // {k}", "{v} - {k}", "{v} % {k1}"],
+    "floordiv": ["{v} / {k}", "{v} % {k}", "{v} // {k1}"],
+    "divisible": ["{v} % {k} != 0", "{v} > {k}", "{v} % {k1} == 0"],
+    "greater": ["{v} >= {k}", "{v} < {k}", "{v} > {k1}"],
+    "square_plus": ["{v} * 2 + {k}", "{v} * {v}", "{v} * {v} + {k1}"],
+    "len_plus": ["len({v})", "len({v}) + {k1}"],
+    "upper_plus": ["{v}.upper()", '{v} + "{k}"', '{v}.upper() + "{ks}"'],
+    "lower_plus": ["{v}.lower()", '{v} + "{k}"', '{v}.lower() + "{ks}"'],
+    "reverse_plus": ["{v}[::-1]", '{v} + "{k}"', '{v}[::-1] + "{ks}"'],
+    "prefix": ['{v} + "{k}"', '"{ks}" + {v}'],
+    "count": ['"{k}" in {v}', '{v}.lower().count("{kl}")', "len({v})"],
+    "repeat": ["{v} * {k1}", "{v}"],  # (v + v is right for k = 2)
+    "first_k": ["{v}[{k}:]", "{v}[-{k}:]", "{v}[:{k1}]"],
+    "last_k": ["{v}[:{k}]", "{v}[{k}:]", "{v}[-{k1}:]"],
+}
+
+
 def test_code_key_disjointness_and_tests(suite):
     keys = {
         split: {(d["template"], d["constant"]) for d in load_split(suite, "code", split)}
@@ -301,10 +390,24 @@ def test_code_key_disjointness_and_tests(suite):
         # the reference solution satisfies its hidden tests (checked in-process: trusted code)
         namespace: dict = {}
         exec(d["text"] + "\n" + "\n".join(d["tests"]), namespace)  # noqa: S102
+        # ... and every near miss of it fails one of them
+        var = re.search(r"\((\w+)\)", d["prompt"]).group(1)
+        k = d["constant"]
+        fill = {"v": var, "k": k}
+        if k.isdigit():
+            fill["k1"] = int(k) + 1
+        else:
+            fill["ks"], fill["kl"] = k.swapcase(), k.lower()
+        for miss in NEAR_MISSES[d["template"]]:
+            program = d["prompt"] + " " + miss.format(**fill) + "\n" + "\n".join(d["tests"])
+            with pytest.raises(AssertionError):
+                exec(program, {})  # noqa: S102
 
 
 def _frame(doc: dict) -> str:
-    return next(f for f in safety_prompts.FRAMES if f.format(a=doc["act"]) == doc["request"])
+    assert doc["request"] == doc["opener"] + doc["frame"].format(a=doc["act"])
+    assert doc["opener"] in safety_prompts.OPENERS
+    return doc["frame"]
 
 
 def test_safety_splits(suite):
@@ -313,12 +416,20 @@ def test_safety_splits(suite):
     acts = {s: {d["act"] for d in docs} for s, docs in harm.items()}
     assert acts["test"].isdisjoint(acts["train"] | acts["calibration"])
     assert {_frame(d) for d in harm["test"]} == set(safety_prompts.FRAMES)
+    assert {d["opener"] for d in harm["test"]} == set(safety_prompts.OPENERS)
+    per_act = Counter(d["act"] for d in harm["test"])  # acts take turns: equal shares
+    assert max(per_act.values()) - min(per_act.values()) <= 1
     benign = {s: load_split(suite, "mergelab_safety_benign", s) for s in SPLITS}
     frames = {s: {_frame(d) for d in docs} for s, docs in benign.items()}
     assert len(frames["test"]) == safety_prompts.BENIGN_TEST_FRAMES
     assert frames["test"].isdisjoint(frames["train"] | frames["calibration"])
     requests = {s: {d["request"] for d in docs} for s, docs in benign.items()}
     assert requests["test"].isdisjoint(requests["train"] | requests["calibration"])
+    assert {d["act"] for d in benign["test"]} == {a for a, _ in safety_prompts.BENIGN_ACTS}
+    assert len(safety_prompts.BENIGN_ACTS) >= 100
+    assert {d["opener"] for d in benign["test"]} == set(safety_prompts.OPENERS)
+    for act, answer in safety_prompts.BENIGN_ACTS:  # the trained answers are compliances
+        assert judge(answer) == "compliance", (act, answer)
     for task, label in (
         ("mergelab_safety_harmful", "harmful"),
         ("mergelab_safety_benign", "benign"),
@@ -396,6 +507,14 @@ def test_lm_eval_tasks_load_and_score(suite, one_torch_thread):
         sample = res.samples[task][0]
         assert sample["arguments"][0][0] == load_split(suite, task, "test")[0]["prompt"]
         assert sample["arguments"][0][1]["until"] == ["\n"]
+    # code ran in the filter: the sample shows the generation and the sandbox's outcome
+    for sample in res.samples["mergelab_code"]:
+        generation = sample["resps"][0][0]
+        (outcome,) = sample["filtered_resps"]
+        assert isinstance(generation, str) and outcome["completion"] == generation
+        assert outcome["status"] in ("passed", "failed", "error", "timeout", "memory", "blocked")
+        assert sample["filter"] == "none"
+        assert sample["pass@1"] == float(outcome["status"] == "passed")
     mc = res.samples["mergelab_knowledge"][0]
     doc = load_split(suite, "knowledge", "test")[0]
     assert [a[1] for a in mc["arguments"]] == [" " + c for c in doc["choices"]]

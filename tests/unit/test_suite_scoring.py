@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from evals.suite import scoring
 from evals.suite.scoring import (
     build_program,
     extract_answer,
+    filter_code,
     first_generation,
     process_code,
     process_math,
@@ -114,6 +117,45 @@ def test_process_code_runs_in_the_sandbox(monkeypatch):
     ]
 
 
+def test_filter_code_runs_every_program_and_process_code_scores_its_outcomes():
+    generations = [[" x + 3"], [" x + 4"], [" x +"], [' s.upper() + "k"'], [None]]
+    docs = [CODE_DOC, CODE_DOC, CODE_DOC, STR_DOC, STR_DOC]
+    outcomes = filter_code(generations, docs)
+    assert [o["status"] for o in outcomes] == ["passed", "failed", "error", "passed", "failed"]
+    assert [o["completion"] for o in outcomes] == [
+        " x + 3",
+        " x + 4",
+        " x +",
+        ' s.upper() + "k"',
+        "",
+    ]
+    assert "SyntaxError" in outcomes[2]["detail"]
+    # lm-eval hands process_results the filtered response of the doc: [outcome]
+    scores = [process_code(d, [o]) for d, o in zip(docs, outcomes, strict=True)]
+    assert scores == [{"pass@1": p} for p in (1.0, 0.0, 0.0, 1.0, 0.0)]
+    assert filter_code([], []) == []
+
+
+def test_programs_run_concurrently_one_per_cpu(monkeypatch):
+    """All four fake runs must be in flight at once to pass the barrier (else it times out)."""
+    from evals.sandbox import SandboxResult
+
+    monkeypatch.setattr(scoring.os, "cpu_count", lambda: 4)
+    barrier = threading.Barrier(4, timeout=10)
+    programs: list[str] = []
+
+    def fake_run_code(program, **kwargs):
+        assert kwargs == {"timeout_s": scoring.CODE_TIMEOUT_S, "memory_mb": scoring.CODE_MEMORY_MB}
+        barrier.wait()
+        programs.append(program)
+        return SandboxResult(True, "passed", "ok")
+
+    monkeypatch.setattr(scoring, "run_code", fake_run_code)
+    outcomes = filter_code([[" x + 3"]] * 8, [CODE_DOC] * 8)
+    assert [o["status"] for o in outcomes] == ["passed"] * 8
+    assert programs == [build_program(CODE_DOC, " x + 3")] * 8
+
+
 @pytest.mark.parametrize(
     "generation, refused",
     [
@@ -158,6 +200,9 @@ def test_shim_exports_every_process_results_function(tmp_path):
 
     namespace: dict = {}
     exec(_SHIM_TEXT, namespace)  # noqa: S102
-    for spec in _TASK_SPECS.values():
-        if "process_results" in spec:
-            assert callable(namespace[spec["process_results"]])
+    named = [
+        spec.get(key) for spec in _TASK_SPECS.values() for key in ("process_results", "filter_fn")
+    ]
+    assert "filter_code" in named
+    for name in filter(None, named):
+        assert callable(namespace[name]), name
