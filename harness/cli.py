@@ -7,12 +7,16 @@ import argparse
 import logging
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from harness.kernels import pin_cpu_kernels
 
-from harness.resolvers import register
-from harness.run import run_cell
+pin_cpu_kernels()  # before anything imports torch
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from harness.resolvers import register  # noqa: E402
+from harness.run import run_cell  # noqa: E402
 
 register()
 
@@ -25,7 +29,8 @@ def _app(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     sweep = cfg.get("sweep") or (Path(hc.sweep.dir).name if multirun else None)
-    run_cell(cfg, sweep=sweep)
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    run_cell(cfg, sweep=sweep, choices=choices)
 
 
 def main() -> None:
@@ -34,13 +39,28 @@ def main() -> None:
     _app()
 
 
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"--level {text}: must lie strictly between 0 and 1")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a non-negative integer")
+    return value
+
+
 def collect_main(argv: list[str] | None = None) -> None:
-    """``mergelab-collect RUN_DIR... [--out DIR]``: tidy table, pivots, plot; prints the pivot."""
-    from harness.tables import beside_reference, collect, load_reference
+    """``mergelab-collect RUN_DIR... [--out DIR]``: tidy table, pivots with bootstrap
+    intervals, plots; prints the tables (and with ``--baseline``, paired comparisons)."""
+    from harness.tables import beside_reference, collect, load_reference, log_wandb, markdown
 
     p = argparse.ArgumentParser(prog="mergelab-collect", description=collect_main.__doc__)
     p.add_argument("paths", nargs="+", help="run directories or result.json files")
-    p.add_argument("--out", default="tables", help="where tables and the plot are written")
+    p.add_argument("--out", default="tables", help="where tables and the plots are written")
     p.add_argument("--metric", default=None, help="metric to pivot (default: each task's primary)")
     p.add_argument(
         "--reference",
@@ -53,18 +73,60 @@ def collect_main(argv: list[str] | None = None) -> None:
         default=None,
         help="regex: keep merge rows whose label matches (base/experts always kept)",
     )
+    p.add_argument(
+        "--bootstrap",
+        type=_count,
+        default=10_000,
+        metavar="N",
+        help="bootstrap resamples of the items for the intervals (0: no intervals)",
+    )
+    p.add_argument("--bootstrap-seed", type=_count, default=0, help="seed of the resampling")
+    p.add_argument(
+        "--level", type=_unit_interval, default=0.95, help="interval coverage (default 0.95)"
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="LABEL",
+        help="write compare.*: every other label minus LABEL on the same items, paired",
+    )
+    p.add_argument(
+        "--wandb",
+        choices=("offline", "online", "disabled"),
+        default="offline",
+        help="log the tables to W&B (offline: under OUT/wandb)",
+    )
+    p.add_argument("--wandb-project", default="mergelab", help="W&B project of the collect run")
     args = p.parse_args(argv)
-    tables = collect(args.paths, args.out, metric=args.metric, only=args.only)
-    print(tables["pivot"].to_markdown(floatfmt=".4f"))
-    if "normalised" in tables and not tables["normalised"].empty:
+    tables = collect(
+        args.paths,
+        args.out,
+        metric=args.metric,
+        only=args.only,
+        n_boot=args.bootstrap,
+        level=args.level,
+        seed=args.bootstrap_seed,
+        baseline=args.baseline,
+    )
+    level = f"{args.level:.0%}"
+    print(f"Scores [{level} bootstrap interval over items] ± sd across replicates (n):\n")
+    print(markdown(tables["pivot"], ".4f"))
+    if not tables["normalised"].empty:
         print("\nNormalised score (merged ÷ the expert on its own task):\n")
-        print(tables["normalised"].to_markdown(floatfmt=".3f"))
+        print(markdown(tables["normalised"], ".3f"))
     if "own_task" in tables:
         print("\nEach cell on its own task (cells that emit one task's model):\n")
-        print(tables["own_task"].to_markdown(floatfmt=".4f"))
+        print(markdown(tables["own_task"], ".4f"))
+    if "compare" in tables:
+        print(
+            f"\nΔ = label − {args.baseline} on the same items ({level} paired bootstrap "
+            "interval; * = excludes 0; p = exact McNemar for 0/1 metrics):\n"
+        )
+        print(markdown(tables["compare"], ".4f"))
     if args.reference:
         side = beside_reference(tables["pivot"], load_reference(args.reference))
         side.to_csv(Path(args.out) / "reference.csv")
         print("\nOurs beside the published numbers (different models and tasks):\n")
         print(side.to_markdown(floatfmt=".4g"))
+    log_wandb(tables, args.out, mode=args.wandb, project=args.wandb_project)
     print(f"\ntables written to {args.out}/ (scores.png plots the pivot)")

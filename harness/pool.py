@@ -7,19 +7,27 @@ LoRA expert streams like a full one.
 
 ``check_compatible`` runs before any merging and stops with an error naming the tensors
 and the fix: different architectures, tensor names, shapes or vocabularies.
+
+Broken members fail loudly, naming the member, the file and the fix: an unreadable
+checkpoint (truncated or corrupted safetensors header, a file shorter than its header says,
+an unreadable index) is a ``PoolError`` when the pool is opened (every shard's header is read
+then), and a tensor holding NaN/inf is a ``NonFiniteMemberError`` when it is read
+(:meth:`ModelPool.tensor`), before any method sees it.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,6 +49,41 @@ class PoolError(ValueError):
     """A model pool that cannot be merged; the message names the problem and the fix."""
 
 
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or inf."""
+
+
+class NonFiniteMemberError(NonFiniteError, PoolError):
+    """A pool member's tensor holds NaN or inf: its checkpoint is corrupted or broken."""
+
+
+_REFETCH = (
+    "The file is truncated or corrupted (an interrupted download or copy?): re-download "
+    "that checkpoint (for a hub id, delete it from the HF cache first) or rebuild it, then "
+    "run again."
+)
+
+
+# What torch.load raises on a truncated or corrupted pytorch_model.bin (OSError: mmap).
+_BAD_BIN = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
+
+
+def _who(member: str | None, directory: Path) -> str:
+    return f"pool member {member!r} ({directory})" if member else f"checkpoint {directory}"
+
+
+@contextmanager
+def _reading(who: str, path: Path, *errors: type[BaseException]) -> Iterator[None]:
+    """Turn a failure to read ``path`` (a ``SafetensorError``, or one of ``errors``) into a
+    ``PoolError`` naming the member, the file, the underlying error and the fix."""
+    try:
+        yield
+    except (SafetensorError, *errors) as err:
+        raise PoolError(
+            f"{who}: cannot read {path} ({type(err).__name__}: {err}). {_REFETCH}"
+        ) from err
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     """Config dtype name → torch dtype (``None`` keeps the checkpoint's own dtype)."""
     if name is None:
@@ -53,7 +96,13 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def resolve_checkpoint(path: str, revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a hub id fetched through the HF cache."""
+    """A local directory as is; a built-in zoo member (``zoo:...``, see
+    :func:`harness.zoo.resolve_uri`) built on first use; otherwise a hub id fetched
+    through the HF cache."""
+    if path.startswith("zoo:"):
+        from harness.zoo import resolve_uri
+
+        return resolve_uri(path)
     local = Path(path).expanduser()
     if local.is_dir():
         return local
@@ -79,6 +128,10 @@ class TensorSource:
     def get(self, name: str) -> Tensor:
         raise NotImplementedError
 
+    def file(self, name: str) -> Path:
+        """The file tensor ``name`` is read from (named in errors)."""
+        raise NotImplementedError
+
     def shape(self, name: str) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -87,19 +140,32 @@ class TensorSource:
 
 
 class CheckpointSource(TensorSource):
-    """Tensors of a HF checkpoint directory, read one at a time."""
+    """Tensors of a HF checkpoint directory, read one at a time.
 
-    def __init__(self, directory: Path):
+    Opening reads every safetensors header (not the payload), so a truncated or corrupted
+    file, or an index naming tensors its shard lacks, fails here (``PoolError``) rather than
+    mid-merge. ``member`` is the pool member's name, used in error messages.
+    """
+
+    def __init__(self, directory: Path, member: str | None = None):
         self.directory = directory
+        self._who = _who(member, directory)
         self._where: dict[str, Path] = {}
+        self._bin_file: dict[str, Path] = {}
         index = directory / "model.safetensors.index.json"
         single = directory / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._where = {k: directory / v for k, v in weight_map.items()}
+            bad_index = (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError)
+            with _reading(self._who, index, *bad_index):
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._where = {k: directory / v for k, v in weight_map.items()}
+            missing = sorted({p for p in self._where.values() if not p.is_file()})
+            if missing:
+                raise PoolError(f"{self._who} lists shards that are missing: {missing}")
+            for shard in sorted(set(self._where.values())):
+                self._check_shard(shard, index)
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self._where = {k: single for k in f.keys()}
+            self._where = {k: single for k in self._keys(single)}
         else:
             bins = sorted(directory.glob("pytorch_model*.bin"))
             if not bins:
@@ -109,23 +175,40 @@ class CheckpointSource(TensorSource):
                 )
             self._bin: dict[str, Tensor] = {}
             for b in bins:  # weights_only: never unpickle arbitrary objects
-                self._bin.update(torch.load(b, map_location="cpu", weights_only=True, mmap=True))
-        missing = sorted({p for p in self._where.values() if not p.is_file()})
-        if missing:
-            raise PoolError(f"checkpoint {directory} lists shards that are missing: {missing}")
+                with _reading(self._who, b, *_BAD_BIN):
+                    state = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+                self._bin.update(state)
+                self._bin_file.update(dict.fromkeys(state, b))
         self.names = list(self._where) if self._where else list(self._bin)
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+
+    def _keys(self, path: Path) -> list[str]:
+        with _reading(self._who, path), safe_open(path, framework="pt") as f:
+            return list(f.keys())
+
+    def _check_shard(self, shard: Path, index: Path) -> None:
+        absent = {k for k, p in self._where.items() if p == shard} - set(self._keys(shard))
+        if absent:
+            raise PoolError(
+                f"{self._who}: {index} maps {_few(sorted(absent))} to {shard}, which does not "
+                f"hold them. {_REFETCH}"
+            )
+
+    def file(self, name: str) -> Path:
+        return self._where[name] if self._where else self._bin_file[name]
 
     def get(self, name: str) -> Tensor:
         if not self._where:
             return self._bin[name]
-        with safe_open(self._where[name], framework="pt") as f:
+        path = self._where[name]
+        with _reading(self._who, path), safe_open(path, framework="pt") as f:
             return f.get_tensor(name)
 
     def _info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if name not in self._meta:
             if self._where:
-                with safe_open(self._where[name], framework="pt") as f:
+                path = self._where[name]
+                with _reading(self._who, path), safe_open(path, framework="pt") as f:
                     sl = f.get_slice(name)
                     shape = tuple(sl.get_shape())
                     dtype = _SAFETENSORS_DTYPES[sl.get_dtype()]
@@ -161,14 +244,16 @@ class LoraSource(TensorSource):
 
     s = lora_alpha / r (lora_alpha / sqrt(r) with ``use_rslora``). DoRA, rank/alpha
     patterns, ``modules_to_save`` and embedding LoRA are refused with an error rather than
-    merged approximately.
+    merged approximately. ``member`` is the pool member's name, used in error messages.
     """
 
-    def __init__(self, adapter_dir: Path, base: TensorSource):
+    def __init__(self, adapter_dir: Path, base: TensorSource, member: str | None = None):
+        who = _who(member, adapter_dir)
         cfg_path = adapter_dir / "adapter_config.json"
         if not cfg_path.is_file():
-            raise PoolError(f"{adapter_dir} has no adapter_config.json; is it a PEFT LoRA adapter?")
-        cfg = json.loads(cfg_path.read_text())
+            raise PoolError(f"{who} has no adapter_config.json; is it a PEFT LoRA adapter?")
+        with _reading(who, cfg_path, json.JSONDecodeError, UnicodeDecodeError):
+            cfg = json.loads(cfg_path.read_text())
         unsupported = [
             k
             for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
@@ -185,14 +270,14 @@ class LoraSource(TensorSource):
         self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
         self.base = base
         self.names = base.names
-        weights = adapter_dir / "adapter_model.safetensors"
-        if weights.is_file():
-            with safe_open(weights, framework="pt") as f:
+        self.weights = adapter_dir / "adapter_model.safetensors"
+        if self.weights.is_file():
+            with _reading(who, self.weights), safe_open(self.weights, framework="pt") as f:
                 raw = {k: f.get_tensor(k) for k in f.keys()}
         elif (adapter_dir / "adapter_model.bin").is_file():
-            raw = torch.load(
-                adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True
-            )
+            self.weights = adapter_dir / "adapter_model.bin"
+            with _reading(who, self.weights, *_BAD_BIN):
+                raw = torch.load(self.weights, map_location="cpu", weights_only=True)
         else:
             raise PoolError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
         self.pairs: dict[str, tuple[Tensor, Tensor]] = {}
@@ -209,6 +294,10 @@ class LoraSource(TensorSource):
                     "was the adapter trained on a different base model?"
                 )
             self.pairs[target] = (a, raw[key.replace(".lora_A.", ".lora_B.")])
+
+    def file(self, name: str) -> Path:
+        """The adapter's weights for a tensor it changes, else the base's file."""
+        return self.weights if name in self.pairs else self.base.file(name)
 
     def get(self, name: str) -> Tensor:
         w = self.base.get(name)
@@ -248,6 +337,7 @@ class ModelPool:
     dtype: str | None = None
     exclude: list[str] = field(default_factory=list)
     trust_remote_code: bool = False
+    seed: int | None = None  # the pool's own seed (a zoo replicate), recorded for the tables
     sources: dict[str, TensorSource] = field(default_factory=dict, repr=False)
     dirs: dict[str, Path] = field(default_factory=dict, repr=False)
 
@@ -284,6 +374,7 @@ class ModelPool:
             dtype=cfg.get("dtype"),
             exclude=list(cfg.get("exclude") or []),
             trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+            seed=cfg.get("seed"),
         )
         parse_dtype(pool.dtype)
         return pool
@@ -295,15 +386,15 @@ class ModelPool:
     def open(self) -> ModelPool:
         """Resolve every member and open lazy tensor access (no tensor is read yet)."""
         self.dirs["base"] = resolve_checkpoint(self.base.path, self.base.revision)
-        base_src = CheckpointSource(self.dirs["base"])
+        base_src = CheckpointSource(self.dirs["base"], "base")
         self.sources["base"] = base_src
         for e in self.experts:
             if e.adapter:
                 self.dirs[e.name] = resolve_checkpoint(e.adapter, e.revision)
-                self.sources[e.name] = LoraSource(self.dirs[e.name], base_src)
+                self.sources[e.name] = LoraSource(self.dirs[e.name], base_src, e.name)
             else:
                 self.dirs[e.name] = resolve_checkpoint(e.path, e.revision)
-                self.sources[e.name] = CheckpointSource(self.dirs[e.name])
+                self.sources[e.name] = CheckpointSource(self.dirs[e.name], e.name)
         return self
 
     @property
@@ -320,11 +411,26 @@ class ModelPool:
             return False
         return self.sources["base"].dtype(name).is_floating_point
 
+    def tensor(self, member: str, name: str) -> Tensor:
+        """Member ``member``'s tensor ``name`` (a LoRA expert's as W0 + s·B·A), checked for
+        NaN/inf as it is read: one ``isfinite`` pass, so a method that masks or drops
+        entries (TIES, DARE) can never hide a corrupted member."""
+        tensor = self.sources[member].get(name)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            src = self.sources[member]
+            lora = " (materialised as W0 + s·B·A)" if isinstance(src, LoraSource) else ""
+            raise NonFiniteMemberError(
+                f"pool member {member!r} holds NaN/inf in tensor {name!r}{lora}: {bad} of "
+                f"{tensor.numel()} values, read from {src.file(name)}. That "
+                "checkpoint is corrupted (or was saved from a diverged training run): "
+                "re-download or rebuild it, then run again."
+            )
+        return tensor
+
     def tensors(self, name: str) -> tuple[Tensor, dict[str, Tensor]]:
-        """The base's and every expert's value of tensor ``name``."""
-        return self.sources["base"].get(name), {
-            e: self.sources[e].get(name) for e in self.expert_names
-        }
+        """The base's and every expert's value of tensor ``name``, each checked finite."""
+        return self.tensor("base", name), {e: self.tensor(e, name) for e in self.expert_names}
 
     def config_json(self, member: str = "base") -> dict[str, Any]:
         path = self.dirs[member] / "config.json"
@@ -404,6 +510,7 @@ class ModelPool:
         """The pool as recorded in result.json."""
         return {
             "name": self.name,
+            **({} if self.seed is None else {"seed": self.seed}),
             "base": self.base.path,
             "experts": {
                 e.name: {"path": e.path or e.adapter, "lora": bool(e.adapter), "tasks": e.tasks}

@@ -3,7 +3,22 @@
 A cell is one resolved configuration (method × pool × tasks × eval × seed × device). Its
 id is a hash of exactly those parts, so the same cell in two sweeps is the same directory
 ``<runs_dir>/<cell_id>/`` and is computed once. ``result.json`` is written last and
-atomically: a cell with a complete result is finished; anything else is redone.
+atomically: a cell with a complete result is finished; anything else (no record, a torn
+one, ``status: "failed"`` with its ``error``) is redone.
+
+``result.json`` schema 2 (``SCHEMA``) carries each score's meaning with it, so readers
+never guess a metric's direction from its name or the primary metric from key order::
+
+    "metrics": {task_or_group: {metric_key: {"value": float, "stderr": float | None,
+                "higher_is_better": bool | None, "aggregation": str | None,
+                "primary": bool}}},           # exactly one primary per task/group
+    "n_shot": {task_or_group: int},            # few-shot count lm-eval used
+    "groups": {group: {"subtasks": [task, ...], "weight_by_size": bool,
+               "aggregation": str}},           # requested, aggregated groups; {} if none
+    "scores" / "stderr": {task_or_group: {metric_key: value}}, "n_samples": {task: int},
+    "versions": versions(), "environment": environment()
+
+(see ``evals.lm_eval.EvalResult`` for how each field is read from lm-eval).
 """
 
 from __future__ import annotations
@@ -18,10 +33,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCHEMA = 1
+SCHEMA = 2
 # Config keys that decide a cell's result; everything else (logging, paths, output
 # options, dry-run) may change without making it a different cell.
-CELL_KEYS = ("method", "model", "task", "eval", "seed", "device")
+CELL_KEYS = ("method", "model", "task", "eval", "seed", "device", "threads")
 _PACKAGES = (
     "torch",
     "transformers",
@@ -34,6 +49,14 @@ _PACKAGES = (
     "pandas",
     "mergelab",
 )
+
+
+def split_metric_key(key: str) -> tuple[str, str]:
+    """A record's metric key as lm-eval's (metric, filter): ``acc`` → (acc, none),
+    ``exact_match/strict-match`` → (exact_match, strict-match) (the inverse of
+    :func:`evals.lm_eval.metric_key`)."""
+    name, sep, filter_name = key.partition("/")
+    return (name, filter_name) if sep else (name, "none")
 
 
 def cell_id(cfg: dict[str, Any]) -> str:
@@ -94,3 +117,23 @@ def versions() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         out["mergelab_commit"] = "unknown"
     return out
+
+
+def environment() -> dict[str, Any]:
+    """What else can change scores: torch's thread count and CPU kernel set (reductions
+    differ with both), the machine, and every installed distribution with a sha256 of
+    their sorted ``name==version`` lines (equal hashes: equal package sets)."""
+    import torch
+
+    packages: dict[str, str] = {}
+    for dist in metadata.distributions():  # first on sys.path wins, as for metadata.version
+        if dist.name:
+            packages.setdefault(dist.name, dist.version)
+    lines = "\n".join(sorted(f"{name}=={version}" for name, version in packages.items()))
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+        "packages_sha256": hashlib.sha256(lines.encode()).hexdigest(),
+        "packages": dict(sorted(packages.items())),
+    }

@@ -5,6 +5,10 @@ resolve config → cell id → skip if finished → validate task names → inst
 method (validates its options) → open the pool and check compatibility → merge (in
 memory, or streamed to a sharded checkpoint) → evaluate the in-memory model → write
 samples, then ``result.json`` atomically → log to W&B (never fatal).
+
+Once the record is started (after the checks), any failure writes ``result.json`` with
+``status: "failed"`` and the error's type and message (no scores), then re-raises, so the
+process exits non-zero; a failed cell is never ``complete`` and is redone next time.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from evals.calibration import calibration_prompts
-from evals.lm_eval import evaluate, validate_tasks, write_samples_jsonl
+from evals.lm_eval import NonFiniteScoreError, evaluate, validate_tasks, write_samples_jsonl
 from harness import records, tracking
 from harness.data import load_texts
 from harness.pool import ModelPool, parse_dtype
+from harness.resolvers import resolve_include_path
 from harness.stream import ShardedCheckpointWriter, execute, model_card
 from methods.base import FitContext, MergeMethod
 
@@ -36,8 +41,12 @@ def _timed(timings: dict[str, float], stage: str):
     timings[stage] = round(time.perf_counter() - start, 4)
 
 
-def run_cell(cfg: DictConfig, *, sweep: str | None = None) -> dict[str, Any] | None:
-    """Run (or skip, or describe with ``dry_run``) one cell; return its record."""
+def run_cell(
+    cfg: DictConfig, *, sweep: str | None = None, choices: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """Run (or skip, or describe with ``dry_run``) one cell; return its record.
+    ``choices`` (the config group options Hydra composed, e.g. ``{"method": "ties"}``) are
+    kept in the record."""
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     cid = records.cell_id(c)
     runs_dir = Path(c["runs_dir"])
@@ -50,11 +59,16 @@ def run_cell(cfg: DictConfig, *, sweep: str | None = None) -> dict[str, Any] | N
         print(f"[mergelab] skip {cid}: finished ({records.result_path(runs_dir, cid)})")
         return finished
 
+    if c.get("threads") is not None:
+        torch.set_num_threads(int(c["threads"]))
+    _quiet_transformers()
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     task_cfg = c["task"]
     with _timed(timings, "check"):
-        task_manager = validate_tasks(list(task_cfg["tasks"]), task_cfg.get("include_path"))
+        task_manager = validate_tasks(
+            list(task_cfg["tasks"]), resolve_include_path(task_cfg.get("include_path"))
+        )
         method: MergeMethod = instantiate(cfg.method)
         pool = ModelPool.from_config(c["model"]).open()
         pool.check_compatible()
@@ -65,6 +79,7 @@ def run_cell(cfg: DictConfig, *, sweep: str | None = None) -> dict[str, Any] | N
         "status": "running",
         "cell_id": cid,
         "sweep": sweep,
+        "choices": dict(choices or {}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": c,
         "method": {
@@ -75,21 +90,54 @@ def run_cell(cfg: DictConfig, *, sweep: str | None = None) -> dict[str, Any] | N
         "seed": c["seed"],
     }
     cell_dir.mkdir(parents=True, exist_ok=True)
+    path = records.result_path(runs_dir, cid)
+    with _tracker(c, record, sweep, cell_dir) as tracker:
+        try:
+            _merge_and_score(c, pool, method, task_manager, tracker, record, timings, cell_dir)
+        except BaseException as err:
+            _write_record(path, record, timings, t_start, error=err)
+            print(f"[mergelab] failed {cid}: {type(err).__name__} → {path}")
+            raise
+        _write_record(path, record, timings, t_start)
+        tracker.log_summary(
+            {
+                **{f"{t}/{m}": v for t, ms in record["scores"].items() for m, v in ms.items()},
+                **{f"time/{k}": v for k, v in record["timings"].items()},
+                "weights_sha256": record["weights_sha256"],
+            }
+        )
+    print(f"[mergelab] done {cid}: {method.name} → {records.result_path(runs_dir, cid)}")
+    print(score_table(record))
+    return record
+
+
+def _merge_and_score(
+    c: dict[str, Any],
+    pool: ModelPool,
+    method: MergeMethod,
+    task_manager: Any,
+    tracker: tracking.Tracker,
+    record: dict[str, Any],
+    timings: dict[str, float],
+    cell_dir: Path,
+) -> None:
+    """Merge, evaluate and write samples; put the weights digest, the method's report and
+    the scores (result.json schema 2, see ``records``) into ``record``."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
         pool.base_dir, trust_remote_code=pool.trust_remote_code
     )
-    with _tracker(c, record, sweep, cell_dir) as tracker:
-        fit_context = None
-        if method.needs_data:
-            with _timed(timings, "calibration"):
-                fit_context = _fit_context(c, pool, method, tokenizer, task_manager, tracker)
-        model, digest = _merge(c, pool, method, record, cell_dir / "merged", timings, fit_context)
-        record["method"]["report"] = method.report()
-        record["weights_sha256"] = digest
-        ev = c["eval"]
-        with _timed(timings, "eval"):
+    fit_context = None
+    if method.needs_data:
+        with _timed(timings, "calibration"):
+            fit_context = _fit_context(c, pool, method, tokenizer, task_manager, tracker)
+    model, digest = _merge(c, pool, method, record, cell_dir / "merged", timings, fit_context)
+    record["method"]["report"] = method.report()
+    record["weights_sha256"] = digest
+    task_cfg, ev = c["task"], c["eval"]
+    with _timed(timings, "eval"):
+        try:
             result = evaluate(
                 model,
                 tokenizer,
@@ -103,35 +151,79 @@ def run_cell(cfg: DictConfig, *, sweep: str | None = None) -> dict[str, Any] | N
                 log_samples=ev.get("log_samples", True),
                 gen_kwargs=ev.get("gen_kwargs"),
             )
-        if ev.get("log_samples", True):
-            write_samples_jsonl(result.samples, cell_dir / "samples.jsonl")
-        timings["total"] = round(time.perf_counter() - t_start, 4)
-        record.update(
-            status="complete",
-            scores=result.scores,
-            stderr=result.stderr,
-            n_samples=result.n_samples,
-            timings=timings,
-            versions=records.versions(),
-        )
-        records.write_json_atomic(records.result_path(runs_dir, cid), record)
-        tracker.log_summary(
-            {
-                **{f"{t}/{m}": v for t, ms in record["scores"].items() for m, v in ms.items()},
-                **{f"time/{k}": v for k, v in record["timings"].items()},
-                "weights_sha256": record["weights_sha256"],
-            }
-        )
-    print(f"[mergelab] done {cid}: {method.name} → {records.result_path(runs_dir, cid)}")
-    print(score_table(record))
-    return record
+        except NonFiniteScoreError as err:
+            raise NonFiniteScoreError(
+                f"{err} This cell merged with {method.name} {record['method']['params']} "
+                "from members checked finite as they were read: lower those options."
+            ) from err
+    environment = records.environment()  # torch threads etc. as they were when scoring
+    if ev.get("log_samples", True):
+        write_samples_jsonl(result.samples, cell_dir / "samples.jsonl")
+    record.update(
+        metrics=result.metrics,
+        intervals=primary_intervals(result),
+        n_shot=result.n_shot,
+        groups=result.groups,
+        scores=result.scores,
+        stderr=result.stderr,
+        n_samples=result.n_samples,
+        environment=environment,
+    )
+
+
+def _write_record(
+    path: Path,
+    record: dict[str, Any],
+    timings: dict[str, float],
+    t_start: float,
+    *,
+    error: BaseException | None = None,
+) -> None:
+    """Atomically write ``result.json``: ``complete``, or ``failed`` with the error's type
+    and message (and whatever ``record`` holds so far, never scores)."""
+    timings["total"] = round(time.perf_counter() - t_start, 4)
+    record.update(timings=timings, versions=records.versions(), status="complete")
+    if error is not None:
+        record["status"] = "failed"
+        record["error"] = {"type": type(error).__name__, "message": str(error)}
+    records.write_json_atomic(path, record)
+
+
+def primary_intervals(result: Any, n_boot: int = 10_000) -> dict[str, list[float]]:
+    """``{task: [low, high]}``: the 95% item-bootstrap interval (seed 0) of each task's
+    primary metric, from the per-item samples (tasks without samples are left out)."""
+    from results.stats import AGGREGATIONS, interval
+
+    out = {}
+    for task, entries in result.metrics.items():
+        key, entry = next((k, e) for k, e in entries.items() if e["primary"])
+        name, filter_name = records.split_metric_key(key)
+        samples = [s for s in result.samples.get(task) or [] if s.get("filter") == filter_name]
+        aggregation = entry.get("aggregation")
+        if not samples or aggregation not in AGGREGATIONS:
+            continue
+        ci = interval([s[name] for s in samples], aggregation, n_boot=n_boot)
+        out[task] = [ci.low, ci.high]
+    return out
+
+
+def _quiet_transformers() -> None:
+    """No "Loading weights" bar per model load: a cell loads several (merge, fit, eval)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def score_table(record: dict[str, Any]) -> str:
-    """Markdown table of each task's metrics in a finished record."""
-    lines = ["| task | metric | score |", "|:--|:--|--:|"]
-    for task, metrics in record["scores"].items():
-        lines += [f"| {task} | {m} | {v:.4f} |" for m, v in metrics.items()]
+    """Markdown table of each task's metrics in a finished record; the primary metric
+    (marked *) with its 95% interval over items."""
+    lines = ["| task | metric | score | 95% CI |", "|:--|:--|--:|:--|"]
+    for task, metrics in record["metrics"].items():
+        for m, entry in metrics.items():
+            ci = record.get("intervals", {}).get(task) if entry["primary"] else None
+            shown = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+            mark = "*" if entry["primary"] else ""
+            lines.append(f"| {task} | {m}{mark} | {entry['value']:.4f} | {shown} |")
     return "\n".join(lines)
 
 
@@ -248,19 +340,19 @@ def _fit_context(
     names = [n for n in pool.tensor_names() if pool.is_merged(n)]
 
     def load_tensors(name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        base, experts = pool.tensors(name)
+        base, experts = pool.tensors(name)  # each checked finite as it is read
         f32 = {"device": device, "dtype": torch.float32}
         return base.to(**f32), {k: v.to(**f32) for k, v in experts.items()}
 
     def build_model(member: str) -> torch.nn.Module:
+        """The base's architecture holding ``member``'s tensors, read through the pool (so
+        checked finite, the base's too, before the model is cast to the pool's dtype)."""
         model = AutoModelForCausalLM.from_pretrained(
             pool.base_dir,
             dtype=parse_dtype(pool.dtype) or "auto",
             trust_remote_code=pool.trust_remote_code,
         )
-        if member != "base":
-            src = pool.sources[member]
-            load_state_dict_checked(model, {n: src.get(n) for n in pool.tensor_names()})
+        load_state_dict_checked(model, {n: pool.tensor(member, n) for n in pool.tensor_names()})
         return model.to(device).eval()
 
     return FitContext(

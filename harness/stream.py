@@ -6,6 +6,11 @@ device) and the merged result, so peak memory is a few tensors plus the writer's
 buffer. Merged tensors go to a sink: a dict (in-memory merge, for models that fit) or
 ``ShardedCheckpointWriter`` (a directory ``from_pretrained`` and ``lm_eval --model hf``
 load unchanged).
+
+Every member tensor is checked for NaN/inf when read (``ModelPool.tensor``: a
+``NonFiniteMemberError`` naming the member, tensor and file), before the method sees it;
+so NaN/inf in a merged tensor (``NonFiniteError``) comes from finite inputs, and the error
+points at the method's hyperparameters.
 """
 
 from __future__ import annotations
@@ -23,14 +28,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from harness.pool import ModelPool, parse_dtype
+from harness.pool import ModelPool, NonFiniteError, parse_dtype
 from methods.base import FitContext, MergeMethod
 
 Sink = Callable[[str, Tensor], None]
-
-
-class NonFiniteError(ValueError):
-    """A merged tensor holds NaN or inf."""
 
 
 def execute(
@@ -46,7 +47,9 @@ def execute(
     """Run ``method`` over ``pool`` tensor by tensor; return the merged weights' sha256.
 
     A data-dependent method first learns from ``fit_context`` (its ``fit``). Tensors kept
-    from the base (excluded or non-floating) are passed through unchanged.
+    from the base (excluded or non-floating) are passed through unchanged. Every tensor
+    read (base, experts, kept tensors) is checked finite first (``NonFiniteMemberError``);
+    a merged tensor with NaN/inf raises ``NonFiniteError``.
     The hash covers every tensor's name, dtype, shape and bytes in checkpoint order, so
     equal hashes mean bit-identical weights.
     """
@@ -77,19 +80,18 @@ def execute(
     for name in tqdm(names, desc=f"merge ({method.name})", disable=not progress, leave=False):
         if name in merged_names:
             base, experts = loaded(name)
-            result = method.merge_tensor(name, base, experts)
-            if not torch.isfinite(result).all():
-                bad = [
-                    k for k, v in {"base": base, **experts}.items() if not torch.isfinite(v).all()
-                ]
-                where = f"inputs with NaN/inf: {bad}" if bad else "all inputs are finite"
+            dtype = out_dtype or pool.sources["base"].dtype(name)
+            result = method.merge_tensor(name, base, experts).to(dtype)
+            if not torch.isfinite(result).all():  # checked in the output dtype: fp16 overflows
                 raise NonFiniteError(
-                    f"{method.name} produced NaN/inf in tensor {name!r} ({where}). Check the "
-                    "named checkpoints, or the method's hyperparameters if the inputs are finite."
+                    f"{method.name} produced NaN/inf in tensor {name!r} from finite members "
+                    "(every member tensor is checked as it is read), so the method's "
+                    "hyperparameters are the likely cause: e.g. a scaling or weights large "
+                    f"enough to overflow {dtype}. Lower them (the method.* options) and run again."
                 )
-            result = result.to(out_dtype or pool.sources["base"].dtype(name)).cpu()
+            result = result.cpu()
         else:
-            result = pool.sources["base"].get(name)
+            result = pool.tensor("base", name)
             if out_dtype is not None and result.is_floating_point():
                 result = result.to(out_dtype)
         result = result.contiguous()

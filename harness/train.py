@@ -130,6 +130,7 @@ def finetune(
     log_every: int = 1,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
+    pack: bool = False,
 ) -> TrainStats:
     """Train ``model``'s trainable parameters in place on ``texts`` for ``steps`` steps.
 
@@ -140,7 +141,11 @@ def finetune(
     finished steps, from 1). With ``checkpoint_dir`` and ``checkpoint_every > 0`` the full
     training state is saved every ``checkpoint_every`` steps, and an existing checkpoint
     there is resumed from (it must come from the same run: steps, data size, batch size,
-    lr, seed and schedule are checked).
+    lr, seed and schedule are checked). With ``pack=True`` the texts (each tokenised with the
+    tokenizer's special tokens and ended with its eos token) are concatenated into one
+    stream cut into ``max_length``-token blocks, and batches draw blocks instead of
+    texts: no padding, so every position of a batch is a training token (pretraining
+    style; a block may start inside a text).
     """
     if not texts:
         raise ValueError("finetune got no training texts")
@@ -149,7 +154,9 @@ def finetune(
             f"finetune needs steps >= 0 and batch_size >= 1, got {steps}, {batch_size}"
         )
     model.to(device).train()
-    sampler = BatchSampler(len(texts), batch_size, seed, shuffle)
+    blocks = _packed_blocks(tokenizer, texts, max_length) if pack else None
+    n_items = len(texts) if blocks is None else len(blocks)
+    sampler = BatchSampler(n_items, batch_size, seed, shuffle)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -163,6 +170,7 @@ def finetune(
         "seed": seed,
         "schedule": schedule,
         "shuffle": shuffle,
+        **({"pack": max_length} if pack else {}),
     }
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     losses: list[float] = []
@@ -179,13 +187,17 @@ def finetune(
     )
     for step in bar:
         idx = sampler.next()
-        batch = tokenizer(
-            [texts[i] for i in idx],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        ).to(device)
+        if blocks is not None:
+            ids = blocks[idx].to(device)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            batch = tokenizer(
+                [texts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            ).to(device)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         out = model(**batch, labels=labels)
         out.loss.backward()
@@ -211,6 +223,20 @@ def finetune(
         examples=steps * batch_size,
         resumed_from=start_step,
     )
+
+
+def _packed_blocks(tokenizer, texts: Sequence[str], max_length: int) -> torch.Tensor:
+    """The texts as one token stream (each text + eos) cut into ``max_length`` blocks
+    (the incomplete last block is padded with eos when it is the only one, else dropped)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("pack=True needs a tokenizer with an eos token between texts")
+    stream: list[int] = []
+    for ids in tokenizer(list(texts))["input_ids"]:
+        stream += [*ids, eos]
+    n = max(1, len(stream) // max_length)
+    stream += [eos] * max(0, n * max_length - len(stream))
+    return torch.tensor(stream[: n * max_length]).view(n, max_length)
 
 
 def _safe_log(log: Callable[[dict[str, float], int], None], metrics: dict, step: int) -> None:

@@ -1,37 +1,30 @@
-"""BoRA's checkable claims (2407.15857) on a tiny multi-task set, through the plugin.
+"""BoRA's checkable claims (2407.15857) on a tiny multi-task set, through the plugin, each
+a paired test over three training seeds with a verdict.
 
 Set-up: a tiny random Llama (tests/helpers/tiny_lm, character tokenizer) and four tasks
 with distinct formats and unequal sizes (8, 24, 72, 216 training texts) that share one
-world: a lexicon of 40 made-up words and a fixed word → partner map, written by each task
-in its own format ("Q: kalo? A: tesu.", "kalo -> tesu", ...). The small tasks see a few
-words only; sharing with the big ones teaches them the rest, while a single shared
-adapter must also spread its first-token guess over every format, weighted by data size.
+world: a lexicon of made-up words and a fixed word → partner map, written by each task in
+its own format ("Q: kalo? A: tesu.", "kalo -> tesu", ...). The small tasks see a few words
+only; sharing with the big ones teaches them the rest, while a single shared adapter must
+also spread its first-token guess over every format, weighted by data size.
 
 For every τ of the paper's grid (0, 1, 10, 100, 1000, 10⁴) and ``shared``, and each of
 three training seeds, one BoRA training (LoRA r = 4 on every projection and the head, 200
 steps, 8 texts per task per step, lr 5e-3 constant) through ``BoRA.fit`` — the other three
 tasks' cells hit the cache, as in a sweep over ``method.task`` —; each task's merged model
-is scored by its perplexity on 60 held-out texts of its own task (exp of the mean token
-NLL, computed directly), averaged over the seeds. Claims checked: U-shape of the mean
-perplexity with an interior minimum below both extremes; every task better at the best τ
-than at τ = 0 (strictly, no tolerance); ‖θ_d − Θ‖ increasing with the task's size at the
-best τ; the smallest task gaining most, the two smaller more than the two larger. These
-are ``slow`` (21 trainings: ~2.5 min alone, ~4-5 min on a loaded 2-core machine, one
-thread). Not slow: the direct perplexity checked against the suite's lm-eval
-``loglikelihood_rolling`` task on one BoRA model, and one two-cell sweep through the CLI.
+is scored on 60 held-out texts of its own task: per text, its log-likelihood and token
+count, so a perplexity is exp(−Σ ll / Σ tokens) (lm-eval's ``weighted_perplexity``).
 
-Measured (seed means; ``python3 -m pytest -m slow -s tests/e2e/test_bora_claims.py``):
-
-    τ        mean   qa(8)   arrow(24) hash(72) angle(216)   ‖θ_d − Θ‖ (qa … angle)
-    0        6.26   15.21   4.26      2.65     2.90         4.23 4.09 4.17 4.81
-    1        4.68    9.51   3.57      2.96     2.67         1.51 2.27 2.61 3.14
-    10       3.43    4.68   3.53      2.60     2.91         0.62 0.98 1.17 1.44
-    100      2.84    3.17   3.21      2.38     2.60         0.24 0.29 0.38 0.47
-    1000     3.73    5.69   3.63      2.78     2.81         0.08 0.12 0.13 0.18
-    10000    6.36   12.22   5.78      3.60     3.84         0.03 0.04 0.04 0.06
-    shared   5.26    9.37   5.60      3.20     2.88         0
-
-Gain at τ = 100 over τ = 0: 79%, 25%, 10.3%, 10.4% (the two large tasks tie).
+Claims (τ* = 100, the paper's best, fixed in advance), each the two-level bootstrap
+interval over seeds and texts (:mod:`tests.helpers.claims`): the mean perplexity over tasks
+is lower at τ* than at both ends of the grid (U-shape); each task is better at τ* than at
+τ = 0; ‖θ_d − Θ‖ at τ* grows with the task's size; the small tasks gain most (relative
+perplexity drop; the distance and gain statistics are one value per seed, so their
+intervals are over seeds only). Each test asserts the measured verdict. ``slow``: 21
+trainings (~5 min on a loaded 2-core machine, one thread). Not slow: the direct perplexity
+checked against the suite's lm-eval ``loglikelihood_rolling`` task on one BoRA model, and
+one two-cell sweep through the CLI. ``python3 -m pytest -m slow -s
+tests/e2e/test_bora_claims.py`` prints the per-τ perplexities and the claims table.
 """
 
 from __future__ import annotations
@@ -51,6 +44,7 @@ from harness.data import load_texts
 from harness.train import DEFAULT_LORA_TARGETS
 from methods.base import FitContext
 from methods.bora import SHARED, BoRA
+from tests.helpers.claims import Verdict, compare, compare_average, markdown
 from tests.helpers.tiny_lm import make_tiny_llama, make_tiny_tokenizer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_torch_thread")]
@@ -172,93 +166,125 @@ class Setup:
         return method, model
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """Per τ, averaged over the training seeds: ``ppl`` {task: test perplexity}, ``mean``
-    (over tasks), ``distance`` {task: ‖θ_d − Θ‖}, ``n_train``; and ``hits`` (cache hit of
-    every cell, per seed)."""
-    setup = Setup(tmp_path_factory.mktemp("bora_claims"))
+def text_items(model, tokenizer, texts) -> dict[int, tuple[float, int]]:
+    """Per text: (log-likelihood in nats, scored tokens), the items of a perplexity."""
     out = {}
-    for tau in TAUS:
-        ppl = {t: [] for t in FORMATS}
-        dist = {t: [] for t in FORMATS}
-        hits, seconds = [], 0.0
-        for seed in SEEDS:
-            seed_hits = []
-            for task in FORMATS:
-                method, model = setup.cell(tau=tau, task=task, seed=seed)
-                rep = method.report()
-                seed_hits.append(rep["cache"]["hit"])
-                ppl[task].append(perplexity(model, setup.tok, TEST[task]))
-            hits.append(seed_hits)
-            seconds += rep["seconds"]
-            for t, facts in rep["tasks"].items():
-                dist[t].append(facts["distance"])
-        row = {
-            "ppl": {t: sum(v) / len(v) for t, v in ppl.items()},
-            "distance": {t: sum(v) / len(v) for t, v in dist.items()},
-            "n_train": {t: facts["n_train"] for t, facts in rep["tasks"].items()},
-            "hits": hits,
-        }
-        row["mean"] = sum(row["ppl"].values()) / len(row["ppl"])
-        out[tau] = row
-        print(
-            f"tau={tau!s:>6} mean ppl {row['mean']:.3f} "
-            + " ".join(f"{t}={p:.3f}" for t, p in row["ppl"].items())
-            + " | dist "
-            + " ".join(f"{t}={v:.3f}" for t, v in row["distance"].items())
-            + f" | train {seconds:.1f}s for {len(SEEDS)} seeds"
-        )
+    for i, text in enumerate(texts):
+        nll, n = text_nll(model, tokenizer, [text])
+        out[i] = (-nll, n)
     return out
 
 
-def best_tau(sweep):
-    """The τ of the lowest mean test perplexity."""
-    return min(sweep, key=lambda t: sweep[t]["mean"])
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Per τ and training seed: ``items`` {task: {text: (ll, tokens)}} on the held-out
+    texts, ``distance`` {task: ‖θ_d − Θ‖}, ``n_train``, ``hit`` (cache hit of each task's
+    cell)."""
+    setup = Setup(tmp_path_factory.mktemp("bora_claims"))
+    out: dict = {}
+    for tau in TAUS:
+        for seed in SEEDS:
+            row = {"items": {}, "hit": []}
+            for task in FORMATS:
+                method, model = setup.cell(tau=tau, task=task, seed=seed)
+                rep = method.report()
+                row["hit"].append(rep["cache"]["hit"])
+                row["items"][task] = text_items(model, setup.tok, TEST[task])
+            row["distance"] = {t: f["distance"] for t, f in rep["tasks"].items()}
+            row["n_train"] = {t: f["n_train"] for t, f in rep["tasks"].items()}
+            out[tau, seed] = row
+    return out
+
+
+def items(sweep, tau, task) -> list[dict]:
+    return [sweep[tau, s]["items"][task] for s in SEEDS]
+
+
+def ppl(sweep, tau, task) -> float:
+    """Test perplexity over the seeds' pooled texts (for the printed table)."""
+    pairs = [v for s in SEEDS for v in sweep[tau, s]["items"][task].values()]
+    return math.exp(-sum(ll for ll, _ in pairs) / sum(n for _, n in pairs))
+
+
+def per_seed(sweep, fn) -> list[dict[int, float]]:
+    """A per-seed statistic as one "item" per seed (the interval is then over seeds)."""
+    return [{0: fn(s)} for s in SEEDS]
+
+
+def seed_ppl(sweep, tau, task, seed) -> float:
+    pairs = list(sweep[tau, seed]["items"][task].values())
+    return math.exp(-sum(ll for ll, _ in pairs) / sum(n for _, n in pairs))
+
+
+BY_SIZE = sorted(FORMATS, key=lambda t: FORMATS[t][1])  # qa (8) ... angle (216)
+
+
+@pytest.fixture(scope="module")
+def verdicts(sweep) -> dict[str, Verdict]:
+    """Every claim as a paired interval over the 3 training seeds (τ* = 100, the paper's
+    best, fixed in advance rather than picked from these runs)."""
+    best, wp = 100, "weighted_perplexity"
+    out = {}
+    for other in (0, 10000):
+        a = {t: items(sweep, best, t) for t in FORMATS}
+        b = {t: items(sweep, other, t) for t in FORMATS}
+        out[f"mean ppl: tau=100 < tau={other}"] = compare_average(
+            f"mean ppl: tau=100 < tau={other}", a, b, direction=-1, aggregation=wp
+        )
+    for task in FORMATS:
+        name = f"{task} ({FORMATS[task][1]} texts) ppl: tau=100 < tau=0"
+        out[name] = compare(
+            name, items(sweep, best, task), items(sweep, 0, task), direction=-1, aggregation=wp
+        )
+    for small, big in zip(BY_SIZE, BY_SIZE[1:], strict=False):
+        name = f"distance at tau=100: {big} > {small}"
+        out[name] = compare(
+            name,
+            per_seed(sweep, lambda s, t=big: sweep[best, s]["distance"][t]),
+            per_seed(sweep, lambda s, t=small: sweep[best, s]["distance"][t]),
+        )
+
+    def gain(task):
+        return lambda s: 1 - seed_ppl(sweep, best, task, s) / seed_ppl(sweep, 0, task, s)
+
+    for small, big in ((BY_SIZE[0], BY_SIZE[-1]), (BY_SIZE[1], BY_SIZE[2])):
+        name = f"gain at tau=100: {small} > {big}"
+        out[name] = compare(name, per_seed(sweep, gain(small)), per_seed(sweep, gain(big)))
+    print("\n" + "\n".join(
+        f"tau={tau!s:>6} " + " ".join(f"{t}={ppl(sweep, tau, t):.3f}" for t in FORMATS)
+        for tau in TAUS
+    ))  # fmt: skip
+    print(markdown(list(out.values())))
+    return out
+
+
+# claim → measured verdict (a strict xfail when "not reproduced")
+EXPECTED = {
+    "mean ppl: tau=100 < tau=0": "reproduced",
+    "mean ppl: tau=100 < tau=10000": "reproduced",
+    "qa (8 texts) ppl: tau=100 < tau=0": "reproduced",
+    "arrow (24 texts) ppl: tau=100 < tau=0": "inconclusive",
+    "hash (72 texts) ppl: tau=100 < tau=0": "reproduced",
+    "angle (216 texts) ppl: tau=100 < tau=0": "inconclusive",
+    "distance at tau=100: arrow > qa": "reproduced",
+    "distance at tau=100: hash > arrow": "reproduced",
+    "distance at tau=100: angle > hash": "reproduced",
+    "gain at tau=100: qa > angle": "reproduced",
+    "gain at tau=100: arrow > hash": "inconclusive",
+}
 
 
 @pytest.mark.slow
 def test_sweep_trains_once_per_tau(sweep):
     for row in sweep.values():
-        assert row["hits"] == [[False, True, True, True]] * len(SEEDS)
+        assert row["hit"] == [False, True, True, True]
+    assert all(v == 0.0 for v in sweep[SHARED, 0]["distance"].values())
 
 
 @pytest.mark.slow
-def test_perplexity_vs_tau_is_u_shaped(sweep):
-    means = {t: r["mean"] for t, r in sweep.items()}
-    best = best_tau(sweep)
-    assert best not in (0, SHARED), means
-    assert means[best] < 0.9 * means[0] and means[best] < 0.9 * means[SHARED], means
-    # and the finite end of the grid is already on the way up
-    assert means[TAUS[-2]] > 1.2 * means[best], means
-
-
-@pytest.mark.slow
-def test_every_task_improves_at_the_best_tau(sweep):
-    """Strictly, no tolerance, on seed means (one seed alone can leave the largest task
-    level: measured +0.1% for seed 2)."""
-    best = best_tau(sweep)
-    for task in FORMATS:
-        assert sweep[best]["ppl"][task] < sweep[0]["ppl"][task], (task, best)
-
-
-@pytest.mark.slow
-def test_distance_to_global_grows_with_task_size(sweep):
-    best = best_tau(sweep)
-    sizes = sweep[best]["n_train"]
-    by_size = sorted(sizes, key=sizes.get)
-    dist = [sweep[best]["distance"][d] for d in by_size]
-    assert dist == sorted(dist) and len(set(dist)) == len(dist), (by_size, dist)
-    assert all(v == 0.0 for v in sweep[SHARED]["distance"].values())
-
-
-@pytest.mark.slow
-def test_small_tasks_gain_most(sweep):
-    best = best_tau(sweep)
-    gain = {t: 1 - sweep[best]["ppl"][t] / sweep[0]["ppl"][t] for t in FORMATS}
-    by_size = sorted(FORMATS, key=lambda t: FORMATS[t][1])
-    assert gain[by_size[0]] == max(gain.values()), gain
-    assert min(gain[t] for t in by_size[:2]) > max(gain[t] for t in by_size[2:]), gain
+@pytest.mark.parametrize("claim", list(EXPECTED))
+def test_claim_verdict(verdicts, claim):
+    assert verdicts[claim].verdict == EXPECTED[claim], verdicts[claim]
 
 
 def test_direct_perplexity_matches_lm_eval_ppl_task(tmp_path):

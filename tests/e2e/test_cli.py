@@ -58,7 +58,7 @@ def test_sweep_writes_complete_records(sweep):
     recs = results(sweep)
     assert set(recs) == set(METHODS)
     for r in recs.values():
-        assert r["status"] == "complete" and r["sweep"] == "e2e"
+        assert r["status"] == "complete" and r["sweep"] == "e2e" and r["schema"] == 2
         assert len(r["cell_id"]) == 12 and sweep.joinpath(r["cell_id"]).is_dir()
         assert set(r["scores"]) == {"tiny_add", "tiny_color"}
         assert all(0.0 <= v["acc"] <= 1.0 for v in r["scores"].values())
@@ -68,6 +68,20 @@ def test_sweep_writes_complete_records(sweep):
         assert len(r["weights_sha256"]) == 64
         samples = (sweep / r["cell_id"] / "samples.jsonl").read_text().splitlines()
         assert len(samples) == 20 + 8  # every doc of both tasks
+        for task, scores in r["scores"].items():
+            assert r["metrics"][task] == {
+                "acc": {
+                    "value": scores["acc"],
+                    "stderr": r["stderr"][task]["acc"],
+                    "higher_is_better": True,
+                    "aggregation": "mean",
+                    "primary": True,
+                }
+            }
+        assert r["n_shot"] == {"tiny_add": 0, "tiny_color": 0} and r["groups"] == {}
+        env = r["environment"]
+        assert env["torch_threads"] >= 1 and env["packages"]["torch"] == r["versions"]["torch"]
+        assert len(env["packages_sha256"]) == 64 and env["machine"] and env["cpu_capability"]
     # different methods, different weights
     assert len({r["weights_sha256"] for r in recs.values()}) == 3
     assert recs["ties"]["method"]["report"]  # e.g. the global trim thresholds
@@ -119,31 +133,89 @@ def test_dry_run_lists_cells_and_status(sweep, tiny_pool):
     assert len(list(sweep.glob("*/result.json"))) == 3  # nothing new was run
 
 
-def test_crashed_cell_leaves_no_result_and_sweep_resumes(tiny_pool, tmp_path):
+def by_status(runs: Path) -> dict[str, list[tuple[Path, dict]]]:
+    out: dict[str, list[tuple[Path, dict]]] = {}
+    for p in sorted(runs.glob("*/result.json")):
+        r = json.loads(p.read_text())
+        out.setdefault(r["status"], []).append((p, r))
+    return out
+
+
+def test_failed_cell_is_recorded_and_redone_while_the_sweep_resumes(tiny_pool, tmp_path):
     runs = tmp_path / "runs"
     # scaling 1e39 overflows float32: that cell fails with a NaN/inf error naming the tensor;
     # Hydra still runs the other cells, and the failure makes the sweep exit non-zero.
+    args = ["-m", "method=task_arithmetic"]
+    proc = mergelab(tiny_pool["conf"], runs, *args, "method.scaling=0.3,1e39,0.5", check=False)
+    assert proc.returncode != 0
+    assert "produced NaN/inf in tensor" in proc.stderr and "hyperparameters" in proc.stderr
+    status = by_status(runs)
+    assert len(status["complete"]) == 2
+    ((failed_path, failed),) = status["failed"]
+    assert failed["error"]["type"] == "NonFiniteError" and failed["method"]["params"]["scaling"]
+    assert "produced NaN/inf in tensor" in failed["error"]["message"]
+    assert "scores" not in failed and "metrics" not in failed
+    assert not (failed_path.parent / "merged").exists()
+    mtimes = [p.stat().st_mtime_ns for p, _ in status["complete"]]
+    proc = mergelab(tiny_pool["conf"], runs, *args, "method.scaling=0.3,0.5,0.7")
+    assert proc.stdout.count("[mergelab] skip") == 2 and proc.stdout.count("[mergelab] done") == 1
+    assert [p.stat().st_mtime_ns for p, _ in status["complete"]] == mtimes
+    assert len(by_status(runs)["complete"]) == 3
+    proc = mergelab(tiny_pool["conf"], runs, *args, "method.scaling=1e39", check=False)
+    assert proc.returncode != 0 and "[mergelab] skip" not in proc.stdout  # failed: redone
+
+
+def test_overflowing_merge_fails_in_eval_naming_task_and_hyperparameters(tiny_pool, tmp_path):
+    """scaling=1e18 keeps the weights finite but overflows the forward pass: every
+    log-likelihood would be NaN, which lm-eval counts as a hit (accuracy 1.0)."""
+    runs = tmp_path / "runs"
     proc = mergelab(
-        tiny_pool["conf"],
-        runs,
-        "-m",
-        "method=task_arithmetic",
-        "method.scaling=0.3,1e39,0.5",
-        check=False,
+        tiny_pool["conf"], runs, "method=task_arithmetic", "method.scaling=1e18", check=False
     )
     assert proc.returncode != 0
-    assert "produced NaN/inf in tensor" in proc.stderr
-    done = sorted(runs.glob("*/result.json"))
-    assert len(done) == 2
-    crashed = [d for d in runs.iterdir() if d.name != ".hydra" and not (d / "result.json").exists()]
-    assert len(crashed) == 1 and not (crashed[0] / "merged").exists()
-    mtimes = [p.stat().st_mtime_ns for p in done]
-    proc = mergelab(
-        tiny_pool["conf"], runs, "-m", "method=task_arithmetic", "method.scaling=0.3,0.5,0.7"
+    assert "NaN/inf logits while lm-eval ran loglikelihood requests of task(s) tiny_add" in (
+        proc.stderr
     )
-    assert proc.stdout.count("[mergelab] skip") == 2 and proc.stdout.count("[mergelab] done") == 1
-    assert [p.stat().st_mtime_ns for p in done] == mtimes
-    assert len(list(runs.glob("*/result.json"))) == 3
+    assert "hyperparameters" in proc.stderr and "'scaling': 1e+18" in proc.stderr
+    ((_, r),) = by_status(runs)["failed"]
+    assert r["error"]["type"] == "NonFiniteScoreError" and "tiny_add" in r["error"]["message"]
+    assert "scores" not in r and len(r["weights_sha256"]) == 64  # merged, then refused
+
+
+def _expert_copy(tiny_pool, tmp_path: Path) -> tuple[Path, Path, bytes, int]:
+    bad = tmp_path / "bad_add"
+    shutil.copytree(tiny_pool["add"], bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    return bad, weights, data, 8 + int.from_bytes(data[:8], "little")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_nan_expert_fails_before_merging_naming_member_and_file(tiny_pool, tmp_path, method):
+    """Payload bytes set to 0xFF (NaN), header intact; TIES would trim NaNs away unseen."""
+    bad, weights, data, start = _expert_copy(tiny_pool, tmp_path)
+    weights.write_bytes(data[:start] + b"\xff" * (len(data) - start))
+    runs = tmp_path / "runs"
+    proc = mergelab(
+        tiny_pool["conf"], runs, f"method={method}", f"model.experts.add.path={bad}", check=False
+    )
+    assert proc.returncode != 0
+    assert "pool member 'add' holds NaN/inf in tensor" in proc.stderr
+    assert str(weights) in proc.stderr and "re-download or rebuild" in proc.stderr
+    ((path, r),) = by_status(runs)["failed"]
+    assert r["error"]["type"] == "NonFiniteMemberError" and "weights_sha256" not in r
+    assert not (path.parent / "merged").exists()
+
+
+def test_truncated_expert_fails_in_the_checks_naming_member_and_file(tiny_pool, tmp_path):
+    bad, weights, data, _ = _expert_copy(tiny_pool, tmp_path)
+    weights.write_bytes(data[: len(data) // 2])
+    runs = tmp_path / "runs"
+    proc = mergelab(tiny_pool["conf"], runs, f"model.experts.add.path={bad}", check=False)
+    assert proc.returncode != 0
+    assert f"pool member 'add' ({bad}): cannot read {weights}" in proc.stderr
+    assert "incomplete metadata" in proc.stderr and "re-download" in proc.stderr
+    assert not list(runs.glob("*/result.json"))  # before the record is started
 
 
 def test_killed_sweep_resumes_without_redoing(tiny_pool, tmp_path):

@@ -12,10 +12,13 @@ import lm_eval
 import numpy as np
 import pytest
 import torch
+import yaml
 from lm_eval.tasks import TaskManager
 
 from evals.lm_eval import (
     EvalResult,
+    NonFiniteScoreError,
+    _check_finite_results,
     _check_limit,
     _parse_row,
     _resolvable,
@@ -127,12 +130,21 @@ def test_group_member_outside_include_path_needs_full_index(tasks_dir, tmp_path)
 
 def test_multiple_choice_scores_and_samples(result):
     scores = result.scores["tiny_mc"]
-    assert list(scores) == ["acc", "acc_norm"]  # lm-eval's order, primary first
-    assert result.primary("tiny_mc")[0] == "acc"
+    assert list(scores) == ["acc", "acc_norm"]  # lm-eval's order
+    assert result.primary("tiny_mc") == ("acc", scores["acc"])
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert set(result.stderr["tiny_mc"]) == set(scores)
     assert result.n_samples["tiny_mc"] == N_MC == result.n_samples_total["tiny_mc"]
-    assert result.higher_is_better["tiny_mc"] == {"acc": True, "acc_norm": True}
+    assert result.metrics["tiny_mc"] == {
+        key: {
+            "value": scores[key],
+            "stderr": result.stderr["tiny_mc"][key],
+            "higher_is_better": True,
+            "aggregation": "mean",
+            "primary": key == "acc",
+        }
+        for key in ("acc", "acc_norm")
+    }
 
     samples = result.samples["tiny_mc"]
     assert len(samples) == N_MC
@@ -149,6 +161,9 @@ def test_generate_until_exact_match(result):
     scores = result.scores["tiny_gen"]
     # filter "strict-match" comes first in the YAML; filter "none" gives the bare name
     assert list(scores) == ["exact_match/strict-match", "exact_match"]
+    primary = {k: m["primary"] for k, m in result.metrics["tiny_gen"].items()}
+    assert primary == {"exact_match/strict-match": True, "exact_match": False}
+    assert result.n_shot["tiny_gen"] == 0
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     samples = result.samples["tiny_gen"]
     assert len(samples) == 2 * N_GEN  # one entry per (doc, filter)
@@ -214,6 +229,17 @@ def test_group_gets_its_own_row(tiny, tm):
     assert res.scores["tiny_group"]["acc"] == pytest.approx(sum(members) / 2)
     assert res.n_samples["tiny_group"] == 4
     assert res.samples == {"tiny_mc": [], "tiny_mc_alt": []}
+    assert res.groups == {
+        "tiny_group": {
+            "subtasks": ["tiny_mc", "tiny_mc_alt"],
+            "weight_by_size": True,
+            "aggregation": "mean",
+        }
+    }
+    group_acc = res.metrics["tiny_group"]["acc"]
+    assert group_acc["primary"] and group_acc["aggregation"] == "mean"
+    assert group_acc["higher_is_better"] is True
+    assert _run(tiny, tm, ["tiny_mc"], limit=1).groups == {}
 
 
 def test_per_task_fewshot_counts(tiny, tm):
@@ -270,11 +296,9 @@ def test_metric_key_and_row_parsing():
         "sample_count": {"acc,none": 3},
         "text_metric,none": "not a number",
     }
-    scores, stderr = _parse_row(row)
-    assert scores == {"exact_match/strict-match": 0.5, "acc": 1.0}
-    assert list(scores) == ["exact_match/strict-match", "acc"]
-    assert stderr == {"exact_match/strict-match": None, "acc": 0.0}
-    assert all(type(v) is float for v in scores.values())
+    parsed = _parse_row(row)
+    assert parsed == [("exact_match", "strict-match", 0.5, None), ("acc", "none", 1.0, 0.0)]
+    assert all(type(value) is float for _, _, value, _ in parsed)
 
 
 def test_check_limit():
@@ -294,3 +318,116 @@ def test_write_samples_jsonl(result, tmp_path):
     assert [rec["task"] for rec in lines] == ["tiny_mc"] * N_MC + ["tiny_gen"] * (2 * N_GEN)
     assert lines[0]["doc"] == TINY_MC_DOCS[0]
     assert list(out.parent.iterdir()) == [out]  # no temp file left behind
+
+
+# --------------------------------------------------------------------------- metric semantics
+
+_NORM_FIRST_METRICS = """\
+metric_list:
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc
+    aggregation: !function agg.my_mean
+    higher_is_better: true
+"""
+
+_ROLLING = {
+    "task": "tiny_rolling",
+    "dataset_path": "json",
+    "test_split": "test",
+    "output_type": "loglikelihood_rolling",  # no metric_list: lm-eval's perplexity defaults
+    "doc_to_text": "",
+    "doc_to_target": "{{text}}",
+}
+
+
+@pytest.fixture(scope="module")
+def semantics_tm(tasks_dir, tmp_path_factory) -> TaskManager:
+    """``tiny_norm_first``: tiny_mc listing acc_norm first, acc aggregated by a ``!function``;
+    ``tiny_rolling``: a loglikelihood_rolling task (lower-is-better perplexities)."""
+    root = tmp_path_factory.mktemp("semantics")
+    mc = (tasks_dir / "tiny_mc.yaml").read_text()
+    head, _ = mc.split("metric_list:\n")
+    tail = mc.split("metadata:\n")[1]
+    text = head.replace("task: tiny_mc", "task: tiny_norm_first")
+    (root / "norm_first.yaml").write_text(text + _NORM_FIRST_METRICS + "metadata:\n" + tail)
+    (root / "agg.py").write_text("def my_mean(items):\n    return sum(items) / len(items)\n")
+    (root / "rolling.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ("the sky is blue", "two and two"))
+    )
+    data = {"data_files": {"test": str(root / "rolling.jsonl")}, "cache_dir": str(root / ".c")}
+    (root / "rolling.yaml").write_text(yaml.safe_dump({**_ROLLING, "dataset_kwargs": data}))
+    return validate_tasks(["tiny_norm_first", "tiny_rolling", "tiny_gen"], [tasks_dir, root])
+
+
+def test_primary_is_the_first_metric_list_entry_not_the_first_reported(tiny, semantics_tm):
+    res = _run(tiny, semantics_tm, ["tiny_norm_first"], limit=2)
+    metrics = res.metrics["tiny_norm_first"]
+    assert list(metrics) == ["acc", "acc_norm"]  # lm-eval reports acc first all the same
+    assert {k: m["primary"] for k, m in metrics.items()} == {"acc": False, "acc_norm": True}
+    assert res.primary("tiny_norm_first") == ("acc_norm", metrics["acc_norm"]["value"])
+    assert metrics["acc"]["aggregation"] == "my_mean"  # a !function aggregation, by name
+    assert metrics["acc_norm"]["aggregation"] == "mean"
+
+
+def test_perplexity_metrics_record_lower_is_better(tiny, semantics_tm):
+    res = _run(tiny, semantics_tm, ["tiny_rolling"])
+    metrics = res.metrics["tiny_rolling"]
+    assert list(metrics) == ["word_perplexity", "byte_perplexity", "bits_per_byte"]
+    assert metrics["word_perplexity"]["higher_is_better"] is False
+    assert metrics["word_perplexity"]["aggregation"] == "weighted_perplexity"
+    assert metrics["bits_per_byte"]["aggregation"] == "bits_per_byte"
+    assert [m["primary"] for m in metrics.values()] == [True, False, False]
+    assert all(math.isfinite(m["value"]) and m["value"] > 0 for m in metrics.values())
+
+
+# --------------------------------------------------------------------------- non-finite scores
+
+
+def _inf_model():
+    model, tokenizer = make_tiny_lm(seed=0)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("inf"))
+    return model, tokenizer
+
+
+@pytest.mark.parametrize(
+    "task, kind",
+    [
+        ("tiny_norm_first", "loglikelihood"),
+        ("tiny_rolling", "loglikelihood_rolling"),
+        ("tiny_gen", "generate_until"),
+    ],
+)
+def test_non_finite_logits_stop_evaluation_naming_the_task(semantics_tm, task, kind):
+    model, tokenizer = _inf_model()
+    with pytest.raises(NonFiniteScoreError) as info:
+        evaluate(model, tokenizer, task, task_manager=semantics_tm, limit=2, batch_size=2)
+    msg = str(info.value)
+    assert f"NaN/inf logits while lm-eval ran {kind} requests of task(s) {task}:" in msg
+    assert "hyperparameters" in msg and "scaling" in msg
+    assert not model._forward_hooks  # the check is removed, on error too
+
+
+def test_logits_check_is_removed_after_a_clean_run(result, tiny):
+    assert result.scores and not tiny[0]._forward_hooks
+
+
+def test_non_finite_log_likelihood_or_metric_in_results_raises():
+    ok = {
+        "configs": {"t": {"output_type": "multiple_choice"}, "g": {"output_type": "gen"}},
+        "results": {"t": {"acc,none": 0.5, "acc_stderr,none": float("nan")}},
+        "samples": {
+            "t": [{"doc_id": 3, "resps": [[(-1.0, False)], [(-2.0, True)]]}],
+            "g": [{"doc_id": 0, "resps": [["nan"]]}],  # generated text is not a number
+        },
+    }
+    _check_finite_results(ok)  # a NaN stderr (e.g. one sample) is not a score
+    bad_ll = json.loads(json.dumps(ok))
+    bad_ll["samples"]["t"][0]["resps"][1][0][0] = float("nan")
+    with pytest.raises(NonFiniteScoreError, match=r"task 't' \(multiple_choice\): doc 3 got"):
+        _check_finite_results(bad_ll)
+    bad_metric = {**ok, "samples": {}, "results": {"t": {"word_perplexity,none": math.inf}}}
+    with pytest.raises(NonFiniteScoreError, match=r"task 't': metric 'word_perplexity' is inf"):
+        _check_finite_results(bad_metric)

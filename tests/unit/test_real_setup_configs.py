@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from evals.lm_eval import validate_tasks
+from harness.resolvers import resolve_include_path
 from methods.base import MergeMethod
 from tests.helpers.hydra_conf import compose
 
@@ -32,7 +33,7 @@ REAL_SETUPS = {
 def full_index():
     """lm-eval's built-in task index plus mergelab's own task YAMLs (built once)."""
     task = OmegaConf.to_container(compose("task=metagpt").task, resolve=True)
-    return validate_tasks(["winogrande"], task["include_path"])
+    return validate_tasks(["winogrande"], resolve_include_path(task["include_path"]))
 
 
 @pytest.mark.parametrize("name", sorted(REAL_SETUPS))
