@@ -585,6 +585,21 @@ def _no_datasets_download_ping() -> Iterator[None]:
         datasets_config.HF_UPDATE_DOWNLOAD_COUNTS = old
 
 
+@contextlib.contextmanager
+def _no_cwd_git_probe() -> Iterator[None]:
+    """``simple_evaluate`` records ``git describe`` of the *working directory* and lets git
+    print "fatal: not a git repository" when it is not one. The record keeps mergelab's own
+    commit instead (:func:`harness.records.versions`), so skip the probe for our call."""
+    import lm_eval.evaluator as evaluator
+
+    old = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = old
+
+
 @functools.cache
 def _checked_hflm() -> type[HFLM]:
     """``HFLM`` that records the request type and tasks in flight, for the non-finite logits
@@ -732,7 +747,12 @@ def evaluate(
     counts: Mapping[str, int] = {}
     if isinstance(num_fewshot, Mapping):
         counts, num_fewshot = num_fewshot, None
-    with _preserve_global_rng(), _no_datasets_download_ping(), _fail_on_non_finite_logits(lm):
+    with (
+        _preserve_global_rng(),
+        _no_datasets_download_ping(),
+        _no_cwd_git_probe(),
+        _fail_on_non_finite_logits(lm),
+    ):
         specs, built_tasks, built_groups = _build_specs(names, counts, task_manager)
         raw = lm_eval.simple_evaluate(
             model=lm,

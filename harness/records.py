@@ -23,12 +23,15 @@ never guess a metric's direction from its name or the primary metric from key or
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,21 @@ def load_finished(runs_dir: str | Path, cid: str) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return record if record.get("status") == "complete" else None
+
+
+@contextmanager
+def cell_lock(runs_dir: str | Path, cid: str) -> Iterator[None]:
+    """An exclusive lock on one cell (``<runs_dir>/.locks/<cid>.lock``, ``flock``): a
+    concurrent sweep reaching a cell another process is computing waits for it, then finds
+    it finished instead of computing it twice. The OS drops the lock if the holder dies."""
+    locks = Path(runs_dir) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{cid}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

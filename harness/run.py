@@ -1,7 +1,8 @@
 """One cell: build pool → run method → evaluate → record. Nothing else orchestrates.
 
 Order of work, cheapest checks first so a bad config fails in seconds:
-resolve config → cell id → skip if finished → validate task names → instantiate the
+resolve config → cell id → skip if finished → lock the cell (a concurrent run computing
+it is waited for, then skipped) → validate task names → instantiate the
 method (validates its options) → open the pool and check compatibility → merge (in
 memory, or streamed to a sharded checkpoint) → evaluate the in-memory model → write
 samples, then ``result.json`` atomically → log to W&B (never fatal).
@@ -58,7 +59,22 @@ def run_cell(
     if finished and not c.get("force"):
         print(f"[mergelab] skip {cid}: finished ({records.result_path(runs_dir, cid)})")
         return finished
+    with records.cell_lock(runs_dir, cid):
+        if finished is None and (done := records.load_finished(runs_dir, cid)) is not None:
+            print(f"[mergelab] skip {cid}: finished by a concurrent run ({cell_dir})")
+            return done
+        return _run_cell(cfg, c, cid, sweep, choices)
 
+
+def _run_cell(
+    cfg: DictConfig,
+    c: dict[str, Any],
+    cid: str,
+    sweep: str | None,
+    choices: dict[str, str] | None,
+) -> dict[str, Any]:
+    runs_dir = Path(c["runs_dir"])
+    cell_dir = runs_dir / cid
     if c.get("threads") is not None:
         torch.set_num_threads(int(c["threads"]))
     _quiet_transformers()

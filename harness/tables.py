@@ -1273,6 +1273,12 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
     return fig, fig.add_subplot()
 
 
+def _legend_width(labels: list[str]) -> float:
+    """Inches the legend beside the axes takes: about 0.07 in per character of the
+    longest label at ``fontsize="small"``, plus the marker."""
+    return 0.07 * max((len(label) for label in labels), default=0) + 0.6
+
+
 def _errors(table: Table, i: int) -> np.ndarray:
     """Row ``i``'s (below, above) error-bar lengths: NaN (no bar) without an interval, 0
     where the value lies outside it (rounding, or an interval on fewer paired items)."""
@@ -1291,7 +1297,7 @@ def plot_scores(table: Table, path: str | Path, *, ylabel: str = "score") -> Pat
     labels = _row_names(table.value.index)
     n = max(len(labels), 1)
     width = 0.8 / n
-    fig, ax = _figure(max(6.0, 0.35 * n * len(columns) + 2.0), 4.5)
+    fig, ax = _figure(max(6.0, 0.35 * n * len(columns) + 2.0) + _legend_width(labels), 4.5)
     for i, label in enumerate(labels):
         heights = np.nan_to_num(table.value.iloc[i].to_numpy(dtype=float))
         xs = [x + (i - (n - 1) / 2) * width for x in range(len(columns))]
@@ -1316,7 +1322,7 @@ def plot_compare(table: Table, path: str | Path) -> Path:
     labels = _row_names(table.value.index)
     n = max(len(labels), 1)
     step = 0.8 / n
-    fig, ax = _figure(7.0, max(3.0, 0.25 * n * len(columns) + 1.5))
+    fig, ax = _figure(7.0 + _legend_width(labels), max(3.0, 0.25 * n * len(columns) + 1.5))
     for i, label in enumerate(labels):
         xs = table.value.iloc[i].to_numpy(dtype=float)
         ys = np.arange(len(columns)) + (i - (n - 1) / 2) * step

@@ -799,6 +799,12 @@ def record_expected(size: str, seed: int) -> dict[str, Any]:
     expected[manifest["zoo_id"]] = entry
     expected[manifest["base"]["zoo_id"]] = {"environment": env, "files": base_files}
     EXPECTED_FILE.write_text(json.dumps(dict(sorted(expected.items())), indent=2) + "\n")
+    base_manifest = Path(manifest["base"]["dir"]) / "manifest.json"
+    for path in (root / "manifest.json", base_manifest):
+        if path.is_file():  # the recorded build is, by definition, the reference one
+            m = json.loads(path.read_text())
+            m["reproducibility"] = compare_expected(m["zoo_id"], m["files"])
+            path.write_text(json.dumps(m, indent=2) + "\n")
     return entry
 
 

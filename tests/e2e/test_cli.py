@@ -363,3 +363,17 @@ def test_collect_only_keeps_matching_merges(sweep, tiny_pool, tmp_path):
     )
     pivot = proc.stdout.split("Normalised")[0]
     assert "| ties" in pivot and "task_arithmetic" not in pivot and "weight_average" not in pivot
+
+
+def test_concurrent_runs_of_one_cell_compute_it_once(tiny_pool, tmp_path):
+    cmd = cli(tiny_pool["conf"], tmp_path, "method=task_arithmetic", "method.scaling=0.7")
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    stdout = "".join(o[0] for o in outs)
+    assert stdout.count("[mergelab] done ") == 1, stdout
+    assert stdout.count("finished by a concurrent run") == 1, stdout
+    assert len(list(tmp_path.glob("*/result.json"))) == 1

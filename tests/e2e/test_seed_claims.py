@@ -38,24 +38,34 @@ class Claim:
 
 
 CLAIMS = {
-    "metagpt_beats_ta": Claim("metagpt", "task_arithmetic", None, "reproduced"),
+    "metagpt_beats_ta": Claim("metagpt", "task_arithmetic", None, "inconclusive"),
     "adamerging_task_beats_its_ta_start": Claim(
         "adamerging_short", "task_arithmetic", None, "reproduced"
     ),
     "adamerging_layer_beats_task": Claim(
-        "adamerging_layerwise_short", "adamerging_short", None, "reproduced"
+        "adamerging_layerwise_short",
+        "adamerging_short",
+        None,
+        "not reproduced",
+        why="measured on zoo seeds 0-2: layer-wise coefficients lower the calibration "
+        "entropy but collapse benign compliance (0.013 against task-wise 0.170)",
     ),
     "adamerging_pp_beats_plain_task": Claim(
-        "adamerging_pp_short", "adamerging_short", None, "reproduced"
+        "adamerging_pp_short", "adamerging_short", None, "inconclusive"
     ),
     "adamerging_pp_beats_plain_layer": Claim(
-        "adamerging_layerwise_pp_short", "adamerging_layerwise_short", None, "reproduced"
+        "adamerging_layerwise_pp_short", "adamerging_layerwise_short", None, "inconclusive"
     ),
-    "sens_ta_beats_ta": Claim("sens_ta", "task_arithmetic", None, "reproduced"),
-    "sens_ties_beats_ties": Claim("sens_ties", "ties", None, "reproduced"),
-    "sens_dare_beats_dare": Claim("sens_dare", "dare_linear", None, "reproduced"),
+    "sens_ta_beats_ta": Claim("sens_ta", "task_arithmetic", None, "inconclusive"),
+    "sens_ties_beats_ties": Claim("sens_ties", "ties", None, "inconclusive"),
+    "sens_dare_beats_dare": Claim("sens_dare", "dare_linear", None, "inconclusive"),
     "sens_dare_beats_the_code_expert_on_code": Claim(
-        "sens_dare", "expert:code", "mergelab_code", "reproduced"
+        "sens_dare",
+        "expert:code",
+        "mergelab_code",
+        "not reproduced",
+        why="measured on zoo seeds 0-2: at the paper's drop 0.5 and scaling 1.0 over four "
+        "task vectors, Sens-DARE (like plain DARE) scores pass@1 0 against the expert's 0.37",
     ),
 }
 
