@@ -239,12 +239,30 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# LoraConfig keys whose value never changes the merged weights (bookkeeping, initialisation
+# schemes, dropout); any other key set to a true value is a feature LoraSource would have
+# to implement, so it refuses the adapter rather than merge it approximately.
+_LORA_INERT_KEYS = frozenset(
+    "task_type peft_type auto_mapping peft_version base_model_name_or_path revision "
+    "inference_mode r target_modules exclude_modules lora_alpha lora_dropout fan_in_fan_out "
+    "bias use_rslora init_lora_weights layers_to_transform layers_pattern megatron_core "
+    "loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config "
+    "lora_bias ensure_weight_tying".split()
+)
+
+
 class LoraSource(TensorSource):
     """A PEFT LoRA adapter applied to the base: W = W0 + s·B·A, one tensor at a time.
 
-    s = lora_alpha / r (lora_alpha / sqrt(r) with ``use_rslora``). DoRA, rank/alpha
-    patterns, ``modules_to_save`` and embedding LoRA are refused with an error rather than
-    merged approximately. ``member`` is the pool member's name, used in error messages.
+    s = lora_alpha / r (lora_alpha / sqrt(r) with ``use_rslora``). With ``lora_bias`` the
+    adapter's ``lora_B`` bias b moves the base layer's bias: bias0 + s·b, as peft merges it.
+    Deltas are added to the base in float32 and returned in float32: whoever consumes the
+    tensor rounds it once to its output dtype (a bf16 base plus a LoRA delta is not
+    rounded to bf16 first). Any adapter feature not implemented here (DoRA, rank/alpha
+    patterns, ``modules_to_save``, ``target_parameters``, trained base biases, embedding
+    LoRA, …: every LoraConfig key outside ``_LORA_INERT_KEYS`` set to a true value) is
+    refused with an error rather than merged approximately. ``member`` is the pool member's
+    name, used in error messages.
     """
 
     def __init__(self, adapter_dir: Path, base: TensorSource, member: str | None = None):
@@ -254,16 +272,15 @@ class LoraSource(TensorSource):
             raise PoolError(f"{who} has no adapter_config.json; is it a PEFT LoRA adapter?")
         with _reading(who, cfg_path, json.JSONDecodeError, UnicodeDecodeError):
             cfg = json.loads(cfg_path.read_text())
-        unsupported = [
-            k
-            for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
-            if cfg.get(k)
-        ]
+        unsupported = sorted(k for k, v in cfg.items() if v and k not in _LORA_INERT_KEYS)
+        if cfg.get("bias", "none") != "none":
+            unsupported.append(f"bias={cfg['bias']!r}")
         if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
             raise PoolError(
-                f"adapter {adapter_dir} uses {cfg.get('peft_type')} {unsupported}: only plain "
-                "LoRA is supported; merge it into a full checkpoint with peft's "
-                "merge_and_unload() and list that directory as the expert's path instead"
+                f"{who}: adapter {cfg_path} uses {cfg.get('peft_type')} {unsupported}, which "
+                "mergelab does not implement: only plain LoRA (optionally with lora_bias) is "
+                "supported. Merge it into a full checkpoint with peft's merge_and_unload() "
+                "and list that directory as the expert's path instead"
             )
         r = cfg["r"]
         self.scaling = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
@@ -281,33 +298,56 @@ class LoraSource(TensorSource):
         else:
             raise PoolError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
         self.pairs: dict[str, tuple[Tensor, Tensor]] = {}
+        self.biases: dict[str, Tensor] = {}  # target bias name → lora_B's bias
         base_names = set(base.names)
-        for key, a in raw.items():
-            if ".lora_A." not in key:
-                if ".lora_B." not in key:
-                    raise PoolError(f"adapter {adapter_dir} holds {key!r}, which is not LoRA A/B")
-                continue
-            target = re.sub(r"^base_model\.model\.", "", key).replace(".lora_A.weight", ".weight")
-            if target not in base_names:
-                raise PoolError(
-                    f"adapter {adapter_dir} targets {target!r}, which the base does not have; "
-                    "was the adapter trained on a different base model?"
+
+        def target(key: str, suffix: str, kind: str) -> str:
+            name = re.sub(r"^base_model\.model\.", "", key).replace(suffix, f".{kind}")
+            if name not in base_names:
+                why = (
+                    "the adapter was trained with lora_bias=True on a layer whose base has no bias"
+                    if kind == "bias"
+                    else "was the adapter trained on a different base model?"
                 )
-            self.pairs[target] = (a, raw[key.replace(".lora_A.", ".lora_B.")])
+                raise PoolError(
+                    f"{who}: adapter {self.weights} targets {name!r}, which the base does not "
+                    f"have; {why}"
+                )
+            return name
+
+        for key, t in raw.items():
+            if key.endswith(".lora_A.weight"):
+                b_key = key.replace(".lora_A.", ".lora_B.")
+                if b_key not in raw:
+                    raise PoolError(f"{who}: adapter {self.weights} has {key!r} but no {b_key!r}")
+                self.pairs[target(key, ".lora_A.weight", "weight")] = (t, raw[b_key])
+            elif key.endswith(".lora_B.bias"):
+                self.biases[target(key, ".lora_B.bias", "bias")] = t
+            elif not key.endswith(".lora_B.weight"):
+                raise PoolError(
+                    f"{who}: adapter {self.weights} holds {key!r}, which is not a LoRA A/B "
+                    "weight or lora_B bias; mergelab does not implement that adapter feature. "
+                    "Merge it with peft's merge_and_unload() and list the merged directory as "
+                    "the expert's path instead"
+                )
 
     def file(self, name: str) -> Path:
         """The adapter's weights for a tensor it changes, else the base's file."""
-        return self.weights if name in self.pairs else self.base.file(name)
+        return self.weights if name in self.pairs or name in self.biases else self.base.file(name)
 
     def get(self, name: str) -> Tensor:
+        """The base's tensor, or for a tensor the adapter changes W0 + s·B·A (a bias:
+        bias0 + s·b) in float32, rounded by no one here."""
         w = self.base.get(name)
+        if name in self.biases:
+            return w.float() + self.biases[name].float() * self.scaling
         if name not in self.pairs:
             return w
         a, b = self.pairs[name]
         delta = (b.float() @ a.float()) * self.scaling
         if self.fan_in_fan_out:
             delta = delta.T
-        return (w.float() + delta).to(w.dtype)
+        return w.float() + delta
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.base.shape(name)

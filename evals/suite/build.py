@@ -172,12 +172,22 @@ def _jsonl(records: list[dict]) -> bytes:
 def data_fingerprint(seed: int = 0) -> str:
     """sha256 of the suite's generated data at the default sizes (every split of every
     task, not the YAMLs, which hold paths): what models trained on the suite depend on."""
+    return _expected_data(int(seed), json.dumps(resolve_sizes(), sort_keys=True))
+
+
+def _data_digest(data: Mapping[str, Mapping[str, list[dict]]]) -> str:
     h = hashlib.sha256()
-    for name, splits in sorted(_generate(int(seed), resolve_sizes()).items()):
+    for name, splits in sorted(data.items()):
         for split, records in sorted(splits.items()):
             h.update(f"{name}/{split}\n".encode())
             h.update(_jsonl(records))
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_data(seed: int, sizes_json: str) -> str:
+    """The data digest today's generators give for (seed, sizes): once per process."""
+    return _data_digest(_generate(seed, json.loads(sizes_json)))
 
 
 # --------------------------------------------------------------------------- lm-eval YAML
@@ -344,7 +354,8 @@ def _read_manifest(suite_dir: Path) -> dict | None:
 
 def _is_complete(suite_dir: Path, seed: int, sizes: dict) -> bool:
     """True if ``suite_dir`` holds a finished build of exactly this (version, seed, sizes,
-    location) whose files all still match their recorded sha256."""
+    location) whose data are what today's generators produce and whose files all still
+    match their recorded sha256. A generator changed without a version bump rebuilds it."""
     manifest = _read_manifest(suite_dir)
     if not manifest or manifest.get("suite_version") != SUITE_VERSION:
         return False
@@ -352,6 +363,8 @@ def _is_complete(suite_dir: Path, seed: int, sizes: dict) -> bool:
         return False
     if manifest.get("root") != str(suite_dir):
         return False  # moved or copied: the YAMLs' absolute paths point elsewhere
+    if manifest.get("data") != _expected_data(seed, json.dumps(sizes, sort_keys=True)):
+        return False  # written by other generators under the same version: stale
     files = manifest.get("files") or {}
     if not set(_task_files()) <= set(files):
         return False  # built by a version that wrote fewer task files (e.g. no ppl tasks)
@@ -394,6 +407,7 @@ def _write_tree(tmp: Path, root: Path, seed: int, sizes: dict) -> None:
         "counts": counts,
         "groups": groups,
         "files": {rel: hashlib.sha256(blob).hexdigest() for rel, blob in sorted(contents.items())},
+        "data": _data_digest(data),
     }
     # The manifest is written last: a directory without it is never taken as complete.
     (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

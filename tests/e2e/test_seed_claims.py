@@ -38,9 +38,9 @@ class Claim:
 
 
 CLAIMS = {
-    "metagpt_beats_ta": Claim("metagpt", "task_arithmetic", None, "inconclusive"),
+    "metagpt_beats_ta": Claim("metagpt", "task_arithmetic", None, "reproduced"),
     "adamerging_task_beats_its_ta_start": Claim(
-        "adamerging_short", "task_arithmetic", None, "reproduced"
+        "adamerging_short", "task_arithmetic", None, "inconclusive"
     ),
     "adamerging_layer_beats_task": Claim(
         "adamerging_layerwise_short",
@@ -48,7 +48,7 @@ CLAIMS = {
         None,
         "not reproduced",
         why="measured on zoo seeds 0-2: layer-wise coefficients lower the calibration "
-        "entropy but collapse benign compliance (0.013 against task-wise 0.170)",
+        "entropy but collapse benign compliance (0.010 against task-wise 0.216)",
     ),
     "adamerging_pp_beats_plain_task": Claim(
         "adamerging_pp_short", "adamerging_short", None, "inconclusive"
@@ -65,7 +65,7 @@ CLAIMS = {
         "mergelab_code",
         "not reproduced",
         why="measured on zoo seeds 0-2: at the paper's drop 0.5 and scaling 1.0 over four "
-        "task vectors, Sens-DARE (like plain DARE) scores pass@1 0 against the expert's 0.37",
+        "task vectors, Sens-DARE (like plain DARE) scores pass@1 0 against the expert's 0.75",
     ),
 }
 

@@ -133,6 +133,29 @@ def test_rebuild_is_a_noop_and_a_tampered_build_is_replaced(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary directories left
 
 
+def test_a_build_from_other_generators_is_replaced(tmp_path, monkeypatch):
+    """A suite written by changed generators under the same version (its files match its
+    own manifest) is stale: today's generators rebuild it, and so the zoo trained on it
+    is trained on the data its cache key names."""
+    out = build_suite(tmp_path / "s", seed=3, sizes=SMALL)
+    good = (out / "mergelab_code" / "train.jsonl").read_bytes()
+    real = build_mod._generate
+
+    def older(seed, sizes):
+        data = real(seed, sizes)
+        data["mergelab_code"]["train"] = data["mergelab_code"]["train"][::-1]
+        return data
+
+    monkeypatch.setattr(build_mod, "_generate", older)
+    build_mod._expected_data.cache_clear()
+    build_suite(out, seed=3, sizes=SMALL)
+    assert (out / "mergelab_code" / "train.jsonl").read_bytes() != good
+    monkeypatch.setattr(build_mod, "_generate", real)
+    build_mod._expected_data.cache_clear()
+    build_suite(out, seed=3, sizes=SMALL)
+    assert (out / "mergelab_code" / "train.jsonl").read_bytes() == good
+
+
 def test_interrupted_build_never_looks_complete(tmp_path, monkeypatch):
     def boom(tmp, root, seed, sizes):
         (tmp / "mergelab_math").mkdir()
