@@ -9,8 +9,8 @@ simply scores 0.
 Code is run before ``process_results``, by an lm-eval custom filter (:func:`filter_code`,
 ``filter_list`` entry named ``none`` so the metric key stays ``pass@1``): lm-eval hands a
 filter every response of the task at once, so all programs run concurrently
-(:func:`run_programs`, one thread per CPU, each waiting on its own sandbox child) instead of
-one after another inside the per-document ``process_results``. The filter turns each
+(:func:`evals.sandbox.run_many`: a sandbox server per CPU, a forked child per program)
+instead of one after another inside the per-document ``process_results``. The filter turns each
 generation into an outcome record ``{"completion", "status", "detail"}`` (the logged
 sample's ``filtered_resps``; ``resps`` keeps the raw generation), which
 :func:`process_code` scores. Given a raw generation instead (called directly, or a config
@@ -23,14 +23,12 @@ resolves ``!function`` relative to the YAML's directory.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from evals.safety import judge
-from evals.sandbox import SandboxResult, run_code
+from evals.sandbox import run_many
 
 __all__ = [
     "CODE_TIMEOUT_S",
@@ -43,7 +41,6 @@ __all__ = [
     "process_math",
     "process_safety_benign",
     "process_safety_harmful",
-    "run_programs",
     "sandbox_outcomes",
 ]
 
@@ -93,20 +90,6 @@ def build_program(doc: Mapping[str, Any], completion: str) -> str:
     return f"{doc['prompt']}{completion}\n\n\n{tests}\n"
 
 
-def run_programs(
-    programs: Sequence[str], *, timeout_s: float, memory_mb: int
-) -> list[SandboxResult]:
-    """:func:`evals.sandbox.run_code` of every program, ``os.cpu_count()`` at a time (threads,
-    each waiting on its own sandbox child process), results in the programs' order."""
-    if not programs:
-        return []
-    workers = min(len(programs), os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
-        return list(
-            pool.map(lambda p: run_code(p, timeout_s=timeout_s, memory_mb=memory_mb), programs)
-        )
-
-
 def sandbox_outcomes(
     resps: Sequence[Any],
     docs: Sequence[Mapping[str, Any]],
@@ -119,7 +102,7 @@ def sandbox_outcomes(
     (response, doc) pair concurrently; one ``{"completion", "status", "detail"}`` each."""
     completions = [first_generation(r) for r in resps]
     programs = [program(doc, c) for doc, c in zip(docs, completions, strict=True)]
-    results = run_programs(programs, timeout_s=timeout_s, memory_mb=memory_mb)
+    results = run_many(programs, timeout_s=timeout_s, memory_mb=memory_mb)
     return [
         {"completion": c, "status": r.status, "detail": r.detail}
         for c, r in zip(completions, results, strict=True)

@@ -6,7 +6,7 @@ on the test splits: once per category (each category's tasks in their own call, 
 per-category cost includes that call's set-up) and once for the whole suite in one call,
 as a run scores it. Prints each task's item count, the seconds per category and the total.
 Settings follow a run's defaults (``log_samples`` on, lm-eval's bootstrap for stderr), with
-``--batch-size`` (default 32, ``conf/eval/default.yaml``'s) to compare generation batch sizes.
+``--batch-size`` (default 256, ``conf/eval/default.yaml``'s) to compare generation batch sizes.
 
 Besides wall-clock seconds it prints CPU seconds of this process and of its finished
 children (the code tasks' sandboxes), which do not depend on what else the machine runs: on
@@ -31,7 +31,7 @@ def time_suite(
     model_dir: str | Path,
     suite_dir: str | Path,
     *,
-    batch_size: int = 32,
+    batch_size: int = 256,
     device: str | None = None,
 ) -> dict[str, dict]:
     """``{category | "suite": {"seconds", "cpu_seconds", "children_cpu_seconds", "items":
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Time scoring the mergelab suite's test splits on one checkpoint.",
     )
     parser.add_argument("--model", type=Path, required=True, help="HF causal-LM checkpoint dir")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="suite seed")
     parser.add_argument("--suite", type=Path, default=None, help="default: default_suite_dir")
     parser.add_argument("--device", default=None, help="default: where the model loads (CPU)")

@@ -8,12 +8,14 @@ namespace).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from evals.sandbox import SandboxResult, run_code
+from evals import sandbox
+from evals.sandbox import Sandbox, SandboxResult, run_code, run_many
 
 SOLUTION = "def f(x):\n    return x + 3\n"
 TESTS = "\nassert f(0) == 3\nassert f(2) == 5\nassert f(-1) == 2\n"
@@ -215,3 +217,38 @@ def test_argument_validation():
     with pytest.raises(ValueError):
         run_code("pass", timeout_s=0)
     assert run_code("a\x00b").status == "error"
+
+
+def test_a_server_runs_each_program_in_a_fresh_child():
+    """Nothing one program does to its interpreter reaches the next; none sees the server's
+    job and result pipes (only fds 0-2 are open); a dead server is restarted."""
+    with Sandbox(timeout_s=5.0) as box:
+        assert box.run("import builtins\nbuiltins.leak = 1\n").passed
+        assert box.run("import builtins\nassert not hasattr(builtins, 'leak')\n").passed
+        fds = "import os\nfds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n"
+        assert box.run(fds + "assert fds == [0, 1, 2, 3], fds\n").passed  # 3: listdir's own
+        box._proc.kill()
+        box._proc.wait()
+        assert box.run(SOLUTION + TESTS).passed
+
+
+def test_run_many_keeps_the_order_and_classifies_each():
+    programs = [SOLUTION + TESTS, "x = (\n", "assert 1 == 2\n", "while True:\n    pass\n"] * 3
+    got = run_many(programs, timeout_s=1.0, workers=3)
+    assert [r.status for r in got] == ["passed", "error", "failed", "timeout"] * 3
+    assert run_many([], timeout_s=1.0) == []
+
+
+def test_run_many_runs_one_server_per_worker_concurrently(monkeypatch):
+    """All four fake runs must be in flight at once to pass the barrier (else it times out)."""
+    barrier = threading.Barrier(4, timeout=10)
+    servers: set[int] = set()
+
+    def fake_run(self, program):
+        servers.add(id(self))
+        barrier.wait()
+        return SandboxResult(True, "passed", program)
+
+    monkeypatch.setattr(sandbox.Sandbox, "run", fake_run)
+    got = run_many([str(i) for i in range(8)], workers=4)
+    assert [r.detail for r in got] == [str(i) for i in range(8)] and len(servers) == 4
