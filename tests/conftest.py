@@ -1,13 +1,22 @@
-"""Shared fixtures: one tiny pool (base, two experts, a LoRA expert) and local tasks."""
+"""Shared fixtures: one tiny pool (base, two experts, a LoRA expert) and local tasks.
+
+Every test process pins the CPU kernels first, as the console scripts do: MKL reads
+``MKL_CBWR`` when it first runs, so without this an in-process training's floats would
+depend on whether an earlier test in the same worker happened to import ``harness.cli``.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from harness.kernels import pin_cpu_kernels
 
-import pytest
+pin_cpu_kernels()  # before anything imports torch
 
-from tests.helpers.threads import one_thread
-from tests.helpers.tiny_pool import build_pool, write_conf, write_tasks
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.helpers.threads import one_thread  # noqa: E402
+from tests.helpers.tiny_pool import build_pool, write_conf, write_tasks  # noqa: E402
 
 
 @pytest.fixture(scope="module")

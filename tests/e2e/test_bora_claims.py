@@ -265,7 +265,7 @@ EXPECTED = {
     "qa (8 texts) ppl: tau=100 < tau=0": "reproduced",
     "arrow (24 texts) ppl: tau=100 < tau=0": "inconclusive",
     "hash (72 texts) ppl: tau=100 < tau=0": "reproduced",
-    "angle (216 texts) ppl: tau=100 < tau=0": "inconclusive",  # borderline: see results/training.md
+    "angle (216 texts) ppl: tau=100 < tau=0": "reproduced",
     "distance at tau=100: arrow > qa": "reproduced",
     "distance at tau=100: hash > arrow": "reproduced",
     "distance at tau=100: angle > hash": "reproduced",
