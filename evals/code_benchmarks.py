@@ -7,8 +7,8 @@ evaluating process (through Hugging Face ``evaluate``'s ``code_eval``, which nee
 ``include_path: ${lm_eval_tasks:}``), read the same hub datasets with the same prompts and
 stop sequences, and run every program with :func:`evals.sandbox.run_many`: each in a
 fresh child process with CPU, memory and file-size limits, no network, an empty
-environment and a throw-away working directory. They are not marked ``unsafe_code``, because nothing unsafe
-runs in the harness's own process.
+environment and a throw-away working directory. They are not marked ``unsafe_code``,
+because nothing unsafe runs in the harness's own process.
 
 Decisions (greedy decoding, one sample, so pass@1 is the fraction of problems passed):
 
