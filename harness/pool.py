@@ -251,6 +251,13 @@ _LORA_INERT_KEYS = frozenset(
 )
 
 
+# The fix for any adapter LoraSource refuses.
+_MERGE_FIRST = (
+    "Merge it into a full checkpoint with peft's merge_and_unload() and list that directory "
+    "as the expert's path instead"
+)
+
+
 class LoraSource(TensorSource):
     """A PEFT LoRA adapter applied to the base: W = W0 + s·B·A, one tensor at a time.
 
@@ -279,8 +286,7 @@ class LoraSource(TensorSource):
             raise PoolError(
                 f"{who}: adapter {cfg_path} uses {cfg.get('peft_type')} {unsupported}, which "
                 "mergelab does not implement: only plain LoRA (optionally with lora_bias) is "
-                "supported. Merge it into a full checkpoint with peft's merge_and_unload() "
-                "and list that directory as the expert's path instead"
+                f"supported. {_MERGE_FIRST}"
             )
         r = cfg["r"]
         self.scaling = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
@@ -326,9 +332,8 @@ class LoraSource(TensorSource):
             elif not key.endswith(".lora_B.weight"):
                 raise PoolError(
                     f"{who}: adapter {self.weights} holds {key!r}, which is not a LoRA A/B "
-                    "weight or lora_B bias; mergelab does not implement that adapter feature. "
-                    "Merge it with peft's merge_and_unload() and list the merged directory as "
-                    "the expert's path instead"
+                    f"weight or lora_B bias; mergelab does not implement that adapter feature. "
+                    f"{_MERGE_FIRST}"
                 )
 
     def file(self, name: str) -> Path:
