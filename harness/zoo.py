@@ -30,9 +30,14 @@ the packages that compute floats, not of the caller's environment:
   packages (:data:`FLOAT_PACKAGES`), so other versions build their own zoo instead of
   reusing one that is not theirs.
 - ``harness/zoo_expected.json`` records the sha256 of every file of the zoos the README's
-  numbers come from; each build's manifest records its own and the comparison. A
-  mismatch (another CPU's kernels, other package versions) is reported once per process,
-  with what it means for comparing numbers.
+  numbers come from, with the environment that built them and a digest of the texts they
+  trained on; each build's manifest records its own. The comparison is made when a zoo
+  is used, against the record of the code in use (never a stored verdict, which a later
+  record would outdate). A mismatch (another CPU's kernels, other package versions) is
+  reported once per process, naming what of the environment differs and what it means
+  for comparing numbers.
+- A cached part is reused only if it trained on today's suite texts and (experts) on the
+  base cached now (:func:`_usable`); otherwise it is rebuilt, with a note.
 
 Seeds. A zoo seed is a replicate of the experts: one base (tokenizer + pretrained base,
 ``Recipe.base_seed``, built once and shared) fine-tuned into four experts with the seed's
@@ -43,7 +48,7 @@ scored on the same test items (paired comparisons across seeds line up item by i
 Layout: ``<cache>/zoo/<base id>-<env digest>/`` holds ``tokenizer/``, ``base/`` and its
 ``manifest.json``; ``<cache>/zoo/<zoo id>-<env digest>/`` holds ``experts/<category>/``
 and ``manifest.json`` (recipe, environment, seeds, losses, build time, task-vector
-geometry, file sha256 and the comparison with the expected ones), and after first use
+geometry, file sha256, training-text digest), and after first use
 ``lora/<category>/`` with ``lora/manifest.json``. Scores are not part of the build:
 ``mergelab -m +experiment=zoo_references`` scores base and experts as ordinary cells.
 """
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -100,6 +106,16 @@ PINNED_ENV = {
 }
 # Packages whose versions change the zoo's floats (cache directory key, manifest).
 FLOAT_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "numpy")
+# What a recorded build keeps of its environment (compared when a later build differs).
+RECORDED_ENVIRONMENT = (
+    "processor",
+    "cpu_id",
+    "cpu_flags",
+    "cpu_capability",
+    "libc",
+    "python_full",
+    *FLOAT_PACKAGES,
+)
 _ID = re.compile(r"^zoo:(?P<size>[a-z0-9_]+)-seed(?P<seed>\d+)-(?P<digest>[0-9a-f]{10})/(?P<m>.+)$")
 
 
@@ -278,11 +294,52 @@ def _locked(out: Path):
 
 def _ensure(part: str, done: Path, size: str, seed: int, recipe: Recipe, device: str,
             progress: bool) -> None:  # fmt: skip
-    if not done.is_file():
+    if not _usable(part, done, recipe, note=False):
         with _locked(done.parent):
-            if not done.is_file():
+            if not _usable(part, done, recipe, note=True):
                 _run_child(part, size, seed, recipe, device, progress)
     _report_once(done)
+
+
+def _usable(part: str, done: Path, recipe: Recipe, *, note: bool) -> bool:
+    """Whether a cached part can be reused: it is complete and was trained on today's suite.
+
+    The cache key holds the digest of the data today's generators give, but a part also
+    records the digest of the texts it actually read (``inputs``). A part whose texts differ
+    (built from a stale suite cache), or one from before that record existed whose files
+    are not the recorded build's, is rebuilt, with a note. LoRA experts live inside their
+    experts' directory and go with it."""
+    if not done.is_file():
+        return False
+    if part == "lora":
+        return True
+    manifest = json.loads(done.read_text())
+    built = (manifest.get("inputs") or {}).get("training_texts")
+    if built is not None:
+        ok = built == training_digest(recipe.suite_seed)
+    else:
+        files = manifest.get("files", {})
+        ok = compare_expected(manifest["zoo_id"], files)["status"] == "matches"
+    if ok and part == "experts":  # fine-tuned from the base that is cached now
+        base = json.loads((base_dir(manifest["size"], recipe) / "manifest.json").read_text())
+        ok = all(manifest["files"].get(k) == v for k, v in base["files"].items())
+    if not ok and note:
+        print(
+            f"[mergelab] NOTE: rebuilding zoo {manifest['zoo_id']}: the cached build in "
+            f"{done.parent} did not train on today's suite data and base (or cannot show "
+            "it did).",
+            file=sys.stderr,
+            flush=True,
+        )
+    return ok
+
+
+@functools.lru_cache(maxsize=4)
+def training_digest(suite_seed: int) -> str:
+    """sha256 of every text a zoo trains on (general corpus, then each category's train
+    split), read from the suite cache as a build reads it."""
+    texts, general = _data_for_seed(suite_seed)
+    return _texts_digest(general + sum(texts.values(), []))
 
 
 def build_base(
@@ -366,7 +423,11 @@ def _workers() -> int:
 
 def _data(recipe: Recipe) -> tuple[dict[str, list[str]], list[str]]:
     """Each category's training texts and the general texts of the recipe's suite."""
-    suite = build_suite(default_suite_dir(recipe.suite_seed), seed=recipe.suite_seed)
+    return _data_for_seed(recipe.suite_seed)
+
+
+def _data_for_seed(suite_seed: int) -> tuple[dict[str, list[str]], list[str]]:
+    suite = build_suite(default_suite_dir(suite_seed), seed=suite_seed)
     texts = {c: [_eol(t) for t in training_texts(suite, c)] for c in CATEGORIES}
     return texts, [_eol(t) for t in general_texts(suite)]
 
@@ -380,7 +441,6 @@ def _partial(out: Path) -> Path:
 
 def _finish(tmp: Path, out: Path, manifest: dict[str, Any]) -> None:
     manifest["environment"] = {**environment(), **_kernel_info(), "pinned": PINNED_ENV}
-    manifest["reproducibility"] = compare_expected(manifest["zoo_id"], manifest["files"])
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -394,7 +454,8 @@ def _build_base(size: str, seed: int, recipe: Recipe, device: str, progress: boo
     tmp = _partial(out)
     start = time.perf_counter()
     texts, general = _data(recipe)
-    tokenizer = train_tokenizer(general + sum(texts.values(), []), recipe, tmp / "tokenizer")
+    corpus = general + sum(texts.values(), [])  # what training_digest hashes
+    tokenizer = train_tokenizer(corpus, recipe, tmp / "tokenizer")
     model = _new_model(recipe, len(tokenizer), derived_seed(seed, "base/init"))
     stats = finetune(
         model,
@@ -421,6 +482,7 @@ def _build_base(size: str, seed: int, recipe: Recipe, device: str, progress: boo
         "models": {"base": _entry(model, stats, derived_seed(seed, "base/train"))},
         "build_seconds": round(time.perf_counter() - start, 1),
         "files": _file_digests(tmp, ["tokenizer/tokenizer.json", "base"]),
+        "inputs": {"training_texts": _texts_digest(corpus)},
     }
     _finish(tmp, out, manifest)
 
@@ -445,6 +507,7 @@ def _build_experts(size: str, seed: int, recipe: Recipe, device: str, progress: 
         "workers": _workers(),
         "geometry": task_vector_geometry(base / "base", tmp / "experts"),
         "files": {**base_manifest["files"], **_file_digests(tmp, ["experts"])},
+        "inputs": {"training_texts": training_digest(recipe.suite_seed)},
     }
     _finish(tmp, out, manifest)
 
@@ -625,17 +688,41 @@ def _entry(model, stats, seed: int, trainable: bool = False) -> dict[str, Any]:
 def _kernel_info() -> dict[str, Any]:
     import torch
 
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "processor": _cpu_model()}
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **_cpu_identity(),
+        "libc": "-".join(platform.libc_ver()),
+        "python_full": platform.python_version(),
+    }
 
 
-def _cpu_model() -> str:
+def _cpu_identity() -> dict[str, str]:
+    """The CPU's model name, ``vendor/family/model/stepping`` and a digest of its feature
+    flags (two virtual machines can share a model name and differ in what they expose)."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    flags = " ".join(sorted(info.get("flags", "").split()))
+    return {
+        "processor": info.get("model name") or platform.processor() or "unknown",
+        "cpu_id": "/".join(
+            info.get(k, "?") for k in ("vendor_id", "cpu family", "model", "stepping")
+        ),
+        "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:12],
+    }
+
+
+def _texts_digest(texts: list[str]) -> str:
+    """sha256 of a list of training texts (each length-prefixed, so no two lists collide)."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- checks
@@ -668,9 +755,17 @@ def expected_digests() -> dict[str, Any]:
         return {}
 
 
-def compare_expected(zid: str, files: dict[str, str]) -> dict[str, Any]:
+def compare_expected(
+    zid: str,
+    files: dict[str, str],
+    environment: dict[str, Any] | None = None,
+    inputs: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """``files`` (built) against the recorded sha256 of the same files of zoo ``zid``:
-    ``status`` ``matches``, ``differs`` (with the differing files) or ``unrecorded``."""
+    ``status`` ``matches``, ``differs`` or ``unrecorded``. A difference lists the differing
+    files, the recorded environment, what of it differs from ``environment`` (the build's)
+    as ``{key: [recorded, built]}``, and which training ``inputs`` differ from the recorded
+    ones (none means the same data went into a different computation)."""
     record = expected_digests().get(zid)
     if not record:
         return {"status": "unrecorded"}
@@ -680,8 +775,17 @@ def compare_expected(zid: str, files: dict[str, str]) -> dict[str, Any]:
     differing = sorted(k for k, v in want.items() if files.get(k) != v)
     out: dict[str, Any] = {"status": "differs" if differing else "matches"}
     if differing:
+        expected_env = record.get("environment", {})
+        built = environment or {}
         out["differing"] = differing
-        out["expected_environment"] = record.get("environment", {})
+        out["expected_environment"] = expected_env
+        out["environment_differences"] = {
+            k: [v, built.get(k)] for k, v in expected_env.items() if built.get(k) != v
+        }
+        recorded_inputs, built_inputs = record.get("inputs", {}), inputs or {}
+        out["inputs_differing"] = sorted(
+            k for k, v in recorded_inputs.items() if k in built_inputs and built_inputs[k] != v
+        )
     return out
 
 
@@ -695,17 +799,21 @@ def _report_once(manifest_path: Path) -> None:
     _REPORTED.add(str(manifest_path))
     manifest = json.loads(manifest_path.read_text())
     zid = manifest["zoo_id"]
-    status = compare_expected(zid, manifest["files"])
+    status = compare_expected(
+        zid, manifest["files"], manifest["environment"], manifest.get("inputs")
+    )
     if status["status"] != "differs":
         return
-    env, want = manifest["environment"], status["expected_environment"]
-    versions = {k: (env.get(k), want.get(k)) for k in FLOAT_PACKAGES if env.get(k) != want.get(k)}
-    cause = (
-        f"package versions differ from the recorded build's (here, recorded): {versions}"
-        if versions
-        else "the packages match, so this CPU's kernels differ from the recorded build's "
-        f"(here: {env.get('processor')}; recorded: {want.get('processor')})"
-    )
+    changed = status["environment_differences"]
+    versions = {k: v for k, v in changed.items() if k in FLOAT_PACKAGES}
+    if status["inputs_differing"]:
+        cause = f"its training inputs differ from the recorded ones ({status['inputs_differing']})"
+    elif versions:
+        cause = f"package versions differ from the recorded build's (recorded, here): {versions}"
+    elif changed:
+        cause = f"the packages match, so this CPU's kernels differ (recorded, here): {changed}"
+    else:
+        cause = "yet nothing recorded about the environment differs (please report this)"
     print(
         f"[mergelab] NOTE: zoo {zid} built here differs from the recorded build in "
         f"{len(status['differing'])} file(s) ({', '.join(status['differing'][:4])}); {cause}. "
@@ -791,20 +899,18 @@ def record_expected(size: str, seed: int) -> dict[str, Any]:
     files = dict(manifest["files"])
     if (root / "lora" / "manifest.json").is_file():
         files.update(json.loads((root / "lora" / "manifest.json").read_text())["files"])
-    keep = ("processor", "cpu_capability", *FLOAT_PACKAGES)
-    env = {k: manifest["environment"].get(k) for k in keep}
-    entry = {"environment": env, "files": dict(sorted(files.items()))}
+    env = {k: manifest["environment"].get(k) for k in RECORDED_ENVIRONMENT}
+    inputs = manifest.get("inputs", {})
+    entry = {"environment": env, "inputs": inputs, "files": dict(sorted(files.items()))}
     base_files = {k: v for k, v in files.items() if k.startswith(("base/", "tokenizer/"))}
     expected = expected_digests()
     expected[manifest["zoo_id"]] = entry
-    expected[manifest["base"]["zoo_id"]] = {"environment": env, "files": base_files}
+    expected[manifest["base"]["zoo_id"]] = {
+        "environment": env,
+        "inputs": inputs,
+        "files": base_files,
+    }
     EXPECTED_FILE.write_text(json.dumps(dict(sorted(expected.items())), indent=2) + "\n")
-    base_manifest = Path(manifest["base"]["dir"]) / "manifest.json"
-    for path in (root / "manifest.json", base_manifest):
-        if path.is_file():  # the recorded build is, by definition, the reference one
-            m = json.loads(path.read_text())
-            m["reproducibility"] = compare_expected(m["zoo_id"], m["files"])
-            path.write_text(json.dumps(m, indent=2) + "\n")
     return entry
 
 
