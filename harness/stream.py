@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from harness.pool import ModelPool, NonFiniteError, parse_dtype
+from core.sources import NonFiniteError, parse_dtype
+from harness.pool import ModelPool
 from methods.base import FitContext, MergeMethod
 
 Sink = Callable[[str, Tensor], None]

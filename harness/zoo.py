@@ -447,7 +447,7 @@ def _finish(tmp: Path, out: Path, manifest: dict[str, Any]) -> None:
 
 
 def _build_base(size: str, seed: int, recipe: Recipe, device: str, progress: bool) -> None:
-    from harness.train import finetune
+    from core.train import finetune
 
     _check_pinned()
     out = base_dir(size, recipe)
@@ -545,7 +545,7 @@ def _train_expert(job: tuple) -> tuple[str, dict[str, Any]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.train import finetune, finetune_lora
+    from core.train import finetune, finetune_lora
 
     kind, cat, base, dest, recipe, seed, device, progress = job
     torch.set_num_threads(1)

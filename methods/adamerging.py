@@ -63,14 +63,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from methods.base import (
-    FitContext,
-    MergeMethod,
-    check_choice,
-    check_finite,
-    check_unit_interval,
-    task_vectors,
-)
+from core.lm import encode_prompts, last_token_entropy, pad_id_of, right_pad
+from core.options import check_choice, check_finite, check_int, check_unit_interval
+from methods.base import FitContext, MergeMethod, task_vectors
 from methods.ties import (
     TIES,
     TRIM_SCOPES,
@@ -82,60 +77,6 @@ from methods.ties import (
 
 GRANULARITIES = ("task", "layer")
 FIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ------------------------------------------------------------------ LM helpers
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each prompt (with special tokens), keeping its last ``max_length``
-    tokens; empty encodings are dropped."""
-    out = []
-    for p in prompts:
-        ids = list(tokenizer(p, add_special_tokens=True)["input_ids"])
-        if ids:
-            out.append(ids[-max_length:])
-    return out
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    """The tokenizer's pad id, else its EOS id, else 0 (padding is masked out anyway)."""
-    for attr in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            return v
-    return 0
-
-
-def right_pad(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: str | torch.device = "cpu"
-) -> tuple[Tensor, Tensor]:
-    """``(input_ids, attention_mask)`` of right-padded sequences."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def last_positions(attention_mask: Tensor) -> Tensor:
-    """Index of each row's last real token (works for left or right padding)."""
-    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * (pos + 1)).argmax(dim=1)
-
-
-def entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy (nats) of softmax(logits) over the last dimension, in float32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def last_token_entropy(logits: Tensor, attention_mask: Tensor) -> Tensor:
-    """Per-sample entropy of the next-token distribution at the last real position."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return entropy(logits[rows, last_positions(attention_mask)])
 
 
 # --------------------------------------------------------------- merge functions
@@ -202,12 +143,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------ plugin
 
 
-def _positive_int(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 class AdaMerging(MergeMethod):
     """AdaMerging / AdaMerging++ plugin (see the module docstring for the exact choices).
 
@@ -249,11 +184,11 @@ class AdaMerging(MergeMethod):
         self.lr = check_finite(lr, "method.lr")
         if self.lr <= 0:
             raise ValueError(f"method.lr must be > 0, got {lr!r}")
-        self.steps = _positive_int(steps, "method.steps", minimum=0)
-        self.batch_size = _positive_int(batch_size, "method.batch_size")
+        self.steps = check_int(steps, "method.steps", minimum=0)
+        self.batch_size = check_int(batch_size, "method.batch_size", minimum=1)
         self.density = check_unit_interval(density, "method.density", open_low=True)
         self.trim_scope = check_choice(trim_scope, "method.trim_scope", TRIM_SCOPES)
-        self.max_length = _positive_int(max_length, "method.max_length")
+        self.max_length = check_int(max_length, "method.max_length", minimum=1)
         self.fit_dtype = check_choice(fit_dtype, "method.fit_dtype", list(FIT_DTYPES))
         self.coefficients_path = None if coefficients_path is None else str(coefficients_path)
         self._global_trim = self.pp and self.trim_scope == "global" and self.density < 1

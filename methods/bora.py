@@ -7,7 +7,7 @@ joint MAP over θ_1..θ_D and Θ:
 
     L(θ, Θ) = Σ_d N_d · NLL_d(θ_d) + (τ/2) Σ_d ‖θ_d − Θ‖²
 
-where ``NLL_d`` is task d's mean next-token NLL (the loss of :mod:`harness.train`: mean
+where ``NLL_d`` is task d's mean next-token NLL (the loss of :mod:`core.train`: mean
 over the real tokens of a batch) and ``N_d`` its number of training texts, so
 ``N_d · NLL_d`` is the task's whole-data log-likelihood in per-text units. τ = 0 gives D
 independent LoRAs, τ → ∞ one shared LoRA; a task with more data (larger N_d) moves
@@ -23,7 +23,7 @@ Kaiming-uniform as in peft, B = 0: the official code's "Θ + noise" without the 
 which B = 0 makes unnecessary since tasks diverge through their data anyway).
 
 Optimisation. Each task has its own Adam optimiser (lr warm-up over 3% of the steps, then
-``schedule``: ``constant`` as :mod:`harness.train`, or ``linear`` decay to 0; gradient-norm
+``schedule``: ``constant`` as :mod:`core.train`, or ``linear`` decay to 0; gradient-norm
 clipping at 1.0 per task) and its own seeded batch stream, and works on task d's terms of
 L divided by N_d, ``L_d / N_d = NLL_d(θ_d) + (τ / (2 N_d)) ‖θ_d − Θ‖²``: a positive
 per-block rescaling, which leaves the stationary points of L unchanged (Adam is invariant
@@ -89,7 +89,7 @@ stored under ``ctx.cache_dir`` by a hash of everything that decides it — τ, t
 specs *and the texts they gave*, the hyperparameters, the resolved target modules, the
 seed and fingerprints of the base weights and tokenizer — and not of ``task``, so a
 sweep ``method.task=a,b,c,d`` trains once per τ (through
-:func:`harness.train.cached_training`: a file lock keeps two processes from training the
+:func:`core.train.cached_training`: a file lock keeps two processes from training the
 same recipe at once). An interrupted training resumes from its last checkpoint when
 ``checkpoint_every`` > 0, else is redone; a finished one is never redone. Without a
 ``cache_dir`` every fit trains.
@@ -114,15 +114,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.train import (
+from core.lm import pad_id_of, right_pad
+from core.options import check_choice, check_finite, check_int
+from core.train import (
     DEFAULT_LORA_TARGETS,
     SCHEDULES,
     cached_training,
     lr_lambda,
     read_stats,
 )
-from methods.adamerging import pad_id_of, right_pad
-from methods.base import FitContext, MergeMethod, check_choice, check_finite
+from methods.base import FitContext, MergeMethod
 
 SHARED = "shared"
 CODE_VERSION = "1"  # bump when training changes in a way the cache key does not see
@@ -564,7 +565,7 @@ def cached_fit(
     recipe: Mapping[str, Any],
     train_fn: Callable[[Path | None], BoraFit],
 ) -> tuple[BoraFit, bool, str | None]:
-    """``(fit, cache_hit, directory)`` through :func:`harness.train.cached_training`:
+    """``(fit, cache_hit, directory)`` through :func:`core.train.cached_training`:
     ``train_fn(checkpoint_dir)`` runs only when ``recipe`` has no finished training in
     ``cache_dir`` (an interrupted one resumes from its checkpoints). Without a
     ``cache_dir`` it simply trains."""
@@ -585,12 +586,6 @@ def cached_fit(
 
 
 # --------------------------------------------------------------------------- plugin
-
-
-def _int_option(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def check_tau(tau: Any) -> float | str:
@@ -678,7 +673,7 @@ class BoRA(MergeMethod):
         if task not in self.tasks:
             raise ValueError(f"method.task must be one of {list(self.tasks)}, got {task!r}")
         self.task = task
-        self.r = _int_option(r, "method.r")
+        self.r = check_int(r, "method.r", minimum=1)
         self.alpha = check_finite(alpha, "method.alpha")
         if self.alpha <= 0:
             raise ValueError(f"method.alpha must be > 0, got {alpha!r}")
@@ -689,18 +684,18 @@ class BoRA(MergeMethod):
             raise ValueError(
                 f"method.target_modules must name linear layers, got {target_modules!r}"
             )
-        self.steps = _int_option(steps, "method.steps")
+        self.steps = check_int(steps, "method.steps", minimum=1)
         self.lr = check_finite(lr, "method.lr")
         if self.lr <= 0:
             raise ValueError(f"method.lr must be > 0, got {lr!r}")
-        self.batch_size = _int_option(batch_size, "method.batch_size")
-        self.max_length = _int_option(max_length, "method.max_length", 2)
+        self.batch_size = check_int(batch_size, "method.batch_size", minimum=1)
+        self.max_length = check_int(max_length, "method.max_length", 2)
         if seed is not None:
-            _int_option(seed, "method.seed", 0)
+            check_int(seed, "method.seed", 0)
         self.option_seed = seed
         self.prior_update = check_choice(prior_update, "method.prior_update", PRIOR_UPDATES)
         self.schedule = check_choice(schedule, "method.schedule", SCHEDULES)
-        self.checkpoint_every = _int_option(checkpoint_every, "method.checkpoint_every", 0)
+        self.checkpoint_every = check_int(checkpoint_every, "method.checkpoint_every", 0)
         self._fit: BoraFit | None = None
         self._targets: dict[str, tuple[Tensor, Tensor]] = {}
         self._cache: dict[str, Any] = {}
@@ -712,7 +707,10 @@ class BoRA(MergeMethod):
     def fit(self, ctx: FitContext) -> None:
         load = ctx.load_texts
         if load is None:
-            from harness.data import load_texts as load
+            raise ValueError(
+                f"{type(self).__name__} trains on texts: its FitContext needs load_texts "
+                "(the runner passes harness.data.load_texts)"
+            )
         texts = {d: list(load(spec)) for d, spec in self.tasks.items()}
         seed = ctx.seed if self.option_seed is None else self.option_seed
         model = ctx.build_model("base")

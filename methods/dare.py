@@ -25,13 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.base import (
-    MergeMethod,
-    check_finite,
-    check_unit_interval,
-    check_weights_option,
-    resolve_weights,
-)
+from core.options import check_finite, check_unit_interval, check_weights_option, resolve_weights
+from methods.base import MergeMethod
 from methods.ties import ties_combine
 
 

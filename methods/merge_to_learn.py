@@ -24,7 +24,7 @@ for when no held-out data is available (for ``wise_ft``, |D| / |G| with D the un
 must be ≥ 0; it is validated for every procedure but only used by the merging ones
 (``report()`` gives ``omega: null`` otherwise). Nothing clips ω to [0, 1].
 
-Training (``harness.train.finetune``, full fine-tuning as in the paper): AdamW (no
+Training (``core.train.finetune``, full fine-tuning as in the paper): AdamW (no
 weight decay), ``epochs`` passes (paper 2) as ceil(epochs·|data| / batch_size) optimizer
 steps over shuffled epochs, linear warm-up over ``warmup`` (paper 3 %) then linear decay
 to 0 (``schedule``; open-instruct's), gradient clipping at 1.0, next-token loss on every
@@ -41,7 +41,7 @@ shows PTM's trends at 1e-3. Not tuned on the xs zoo itself. ``batch_size`` 64 an
 order. Training runs on ``ctx.device`` in the dtype ``ctx.build_model`` gives (the pool's
 ``dtype``).
 
-Caching: every trained model goes through ``harness.train.cached_training`` under
+Caching: every trained model goes through ``core.train.cached_training`` under
 ``ctx.cache_dir`` (the runner's ``<runs_dir>/.train_cache``). The recipe hashes what
 decides the weights: the initial weights (sha256 of θpre's tensors, or of the expert
 given as θG; θCFT names θG's recipe), the tokenizer's vocabulary, the training texts
@@ -78,7 +78,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.train import (
+from core.options import check_choice, check_finite, check_int
+from core.train import (
     SCHEDULES,
     cached_training,
     finetune,
@@ -87,7 +88,7 @@ from harness.train import (
     recipe_key,
     steps_for,
 )
-from methods.base import FitContext, MergeMethod, check_choice, check_finite
+from methods.base import FitContext, MergeMethod
 
 PROCEDURES = ("general", "cft", "rt", "ptm", "linear", "wise_ft")
 MERGING = ("ptm", "linear", "wise_ft")
@@ -185,18 +186,6 @@ def _check_omega(value: Any, what: str) -> float | str:
     if v < 0:
         raise ValueError(f"{what} must be >= 0, got {v}")
     return v
-
-
-def _int_option(value: Any, what: str, minimum: int | None = None) -> int:
-    """An integer config value (``minimum`` or more); errors name the option."""
-    try:
-        ok = not isinstance(value, bool) and int(value) == value
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or (minimum is not None and int(value) < minimum):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"{what} must be an integer{bound}, got {value!r}")
-    return int(value)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -303,9 +292,9 @@ class MergeToLearn(MergeMethod):
         if not 0 <= self.warmup <= 1:
             raise ValueError(f"method.warmup must be in [0, 1], got {warmup}")
         self.schedule = check_choice(schedule, "method.schedule", SCHEDULES)
-        self.batch_size = _int_option(batch_size, "method.batch_size", 1)
-        self.max_length = _int_option(max_length, "method.max_length", 1)
-        self.seed_option = None if seed is None else _int_option(seed, "method.seed")
+        self.batch_size = check_int(batch_size, "method.batch_size", 1)
+        self.max_length = check_int(max_length, "method.max_length", 1)
+        self.seed_option = None if seed is None else check_int(seed, "method.seed")
         if text_suffix is not None and not isinstance(text_suffix, str):
             raise ValueError(f"method.text_suffix must be a string or null, got {text_suffix!r}")
         self.text_suffix = text_suffix
@@ -314,7 +303,7 @@ class MergeToLearn(MergeMethod):
                 f"method.general_from must be an expert name or null, got {general_from!r}"
             )
         self.general_from = general_from
-        self.checkpoint_every = _int_option(checkpoint_every, "method.checkpoint_every", 0)
+        self.checkpoint_every = check_int(checkpoint_every, "method.checkpoint_every", 0)
         self.progress = bool(progress)
         self._sources: dict[str, Any] = {}
         self._report: dict[str, Any] = {}
@@ -335,7 +324,10 @@ class MergeToLearn(MergeMethod):
             )
         load = ctx.load_texts
         if load is None:
-            from harness.data import load_texts as load
+            raise ValueError(
+                f"{type(self).__name__} trains on texts: its FitContext needs load_texts "
+                "(the runner passes harness.data.load_texts)"
+            )
         self._ctx = ctx
         self._seed = ctx.seed if self.seed_option is None else self.seed_option
         self._log_offset = 0
@@ -448,7 +440,7 @@ class MergeToLearn(MergeMethod):
         ctx = self._ctx
         steps = steps_for(self.epochs, len(texts), self.batch_size)
         recipe = {
-            "trainer": "harness.train.finetune",
+            "trainer": "core.train.finetune",
             "version": RECIPE_VERSION,
             "init": dict(init),
             "tokenizer_sha256": tokenizer_fingerprint(ctx.tokenizer),
@@ -524,7 +516,7 @@ class MergeToLearn(MergeMethod):
         if isinstance(start, str):
             model = ctx.build_model(start)
         else:
-            from harness.pool import CheckpointSource
+            from core.sources import CheckpointSource
 
             model = ctx.build_model("base")
             src = CheckpointSource(start)
@@ -542,7 +534,7 @@ class MergeToLearn(MergeMethod):
         return model
 
     def _open_sources(self, ctx: FitContext, comps: Mapping[str, Mapping[str, Any]]) -> None:
-        from harness.pool import CheckpointSource
+        from core.sources import CheckpointSource
 
         self._sources = {
             name: CheckpointSource(Path(c["path"])) for name, c in comps.items() if "path" in c

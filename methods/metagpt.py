@@ -49,12 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.base import (
-    MergeMethod,
-    check_choice,
-    check_unit_interval,
-    task_vectors,
-)
+from core.options import check_choice, check_unit_interval
+from methods.base import MergeMethod, task_vectors
 from methods.dare import dare_keep_mask, dare_linear_merge, mask_seed
 from methods.ties import (
     TRIM_SCOPES,

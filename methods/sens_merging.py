@@ -59,14 +59,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.adamerging import encode_prompts, pad_id_of, right_pad
-from methods.base import (
-    FitContext,
-    MergeMethod,
-    check_choice,
-    check_finite,
-    check_unit_interval,
-)
+from core.lm import encode_prompts, pad_id_of, right_pad
+from core.options import check_choice, check_finite, check_int, check_unit_interval
+from methods.base import FitContext, MergeMethod
 from methods.dare import DARELinear, DARETies
 from methods.task_arithmetic import TaskArithmetic
 from methods.ties import TIES, TRIM_SCOPES
@@ -163,12 +158,6 @@ def rescale_experts(
 # ------------------------------------------------------------------------ plugin
 
 
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def make_base_plugin(
     base_method: str,
     scaling: float | None,
@@ -237,10 +226,10 @@ class SensMerging(MergeMethod):
         self.temperature = check_finite(temperature, "method.temperature")
         if self.temperature <= 0:
             raise ValueError(f"method.temperature must be > 0, got {temperature!r}")
-        self.n_calibration = _positive_int(n_calibration, "method.n_calibration")
+        self.n_calibration = check_int(n_calibration, "method.n_calibration", minimum=1)
         self.alignment = check_choice(alignment, "method.alignment", ALIGNMENTS)
-        self.batch_size = _positive_int(batch_size, "method.batch_size")
-        self.max_length = _positive_int(max_length, "method.max_length")
+        self.batch_size = check_int(batch_size, "method.batch_size", minimum=1)
+        self.max_length = check_int(max_length, "method.max_length", minimum=1)
         self.base = make_base_plugin(
             self.base_method, self.scaling, self.density, self.drop_rate, self.trim_scope
         )

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.base import MergeMethod, check_finite, check_weights_option, resolve_weights
+from core.options import check_finite, check_weights_option, resolve_weights
+from methods.base import MergeMethod
 
 
 def weighted_task_sum(

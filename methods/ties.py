@@ -34,15 +34,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.base import (
-    MergeMethod,
+from core.options import (
     check_choice,
     check_finite,
     check_unit_interval,
     check_weights_option,
     resolve_weights,
-    task_vectors,
 )
+from methods.base import MergeMethod, task_vectors
 
 N_BINS = 1 << 16
 TRIM_SCOPES = ("global", "per_tensor")

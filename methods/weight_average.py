@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from methods.base import MergeMethod, check_weights_option, resolve_weights
+from core.options import check_weights_option, resolve_weights
+from methods.base import MergeMethod
 
 
 def weight_average(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:

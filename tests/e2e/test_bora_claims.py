@@ -40,8 +40,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.train import DEFAULT_LORA_TARGETS
 from harness.data import load_texts
-from harness.train import DEFAULT_LORA_TARGETS
 from methods.base import FitContext
 from methods.bora import SHARED, BoRA
 from tests.helpers.claims import Verdict, compare, compare_average, markdown

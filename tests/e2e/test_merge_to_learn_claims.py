@@ -48,8 +48,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.train import finetune
 from harness.data import load_texts
-from harness.train import finetune
 from methods.base import FitContext
 from methods.merge_to_learn import MergeToLearn
 from tests.helpers.claims import Verdict, compare, markdown

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from harness.train import finetune
+from core.train import finetune
 from tests.helpers.tiny_lm import make_tiny_lm
 
 COLORS = ["red", "blue", "green", "gold"]

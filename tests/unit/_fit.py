@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.train import finetune
+from core.train import finetune
 from methods.base import FitContext, MergeMethod
 from tests.helpers.tiny_lm import make_tiny_llama, make_tiny_lm
 

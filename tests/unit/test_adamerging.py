@@ -6,17 +6,13 @@ import torch
 from _drive import instantiate_conf
 from _fit import drive_fit, make_context, tiny_pool
 
+from core.lm import encode_prompts, entropy, last_positions, last_token_entropy, right_pad
 from methods.adamerging import (
     AdaMerging,
     clamp_coefficients,
     combine,
     disjoint_task_vectors,
-    encode_prompts,
-    entropy,
-    last_positions,
-    last_token_entropy,
     merged_parameters,
-    right_pad,
 )
 from methods.ties import TIES, disjoint_merge, elect_sign, trim_by_threshold
 from tests.helpers.threads import one_thread

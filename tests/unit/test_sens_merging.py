@@ -6,7 +6,7 @@ import torch
 from _drive import drive, instantiate_conf
 from _fit import ADD_TASK, CALIBRATION, EXPERT_TASKS, drive_fit, make_context, tiny_pool
 
-from methods.adamerging import encode_prompts
+from core.lm import encode_prompts
 from methods.sens_merging import (
     SensMerging,
     alignment_beta,

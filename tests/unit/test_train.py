@@ -1,4 +1,4 @@
-"""harness/train.py: the fine-tuning loop (backward compatible), schedules, shuffled
+"""core/train.py: the fine-tuning loop (backward compatible), schedules, shuffled
 epochs, resumable checkpoints, LoRA training, logging and the recipe-keyed cache."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from harness.train import (
+from core.train import (
     CHECKPOINT_FILE,
     BatchSampler,
     TrainStats,
@@ -137,7 +137,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, shuffle, schedule,
     full = finetune(ref, tok, TEXTS, **kw)
 
     # the interrupt propagates (log errors are normally only warned about)
-    monkeypatch.setattr("harness.train._safe_log", lambda log, m, s: log(m, s))
+    monkeypatch.setattr("core.train._safe_log", lambda log, m, s: log(m, s))
     model, _ = tiny()
     with pytest.raises(Interrupt):
         finetune(
@@ -199,7 +199,7 @@ def test_lora_resume_is_bit_identical(tmp_path, monkeypatch):
     kw = dict(target_modules=["q_proj"], r=2, steps=5, seed=2, **FAST)
     ref, tok = tiny()
     ref_lora, _ = finetune_lora(ref, tok, TEXTS, **kw)
-    monkeypatch.setattr("harness.train._safe_log", lambda log, m, s: log(m, s))
+    monkeypatch.setattr("core.train._safe_log", lambda log, m, s: log(m, s))
     model, _ = tiny()
     with pytest.raises(Interrupt):
         finetune_lora(
@@ -260,7 +260,7 @@ def test_cached_training_trains_once_and_records_cost(tmp_path):
 def test_cached_training_resumes_an_interrupted_run(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    monkeypatch.setattr("harness.train._safe_log", lambda log, m, s: log(m, s))
+    monkeypatch.setattr("core.train._safe_log", lambda log, m, s: log(m, s))
     recipe = {"data": "sums", "steps": 6}
     calls: list = []
     with pytest.raises(Interrupt):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from _drive import drive
 
-from methods.base import check_weights_option, resolve_weights
+from core.options import check_weights_option, resolve_weights
 from methods.weight_average import WeightAverage, weight_average
 
 A = torch.tensor([1.0, 2.0, -4.0])

@@ -1,0 +1,334 @@
+"""Tensor sources: one checkpoint or one LoRA adapter over a base, read tensor by tensor.
+
+Checkpoints are Hugging Face directories (hub ids are resolved to
+directories by the pool): safetensors shards preferred, ``pytorch_model.bin`` read with
+``weights_only=True``. A LoRA adapter's tensors are materialised one at a time as
+W0 + s·B·A (added in float32, rounded once), so a LoRA expert streams like a full one.
+
+Broken files fail loudly when the source is opened (every shard's header is read then):
+a ``PoolError`` naming the member, the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+class PoolError(ValueError):
+    """A model pool that cannot be merged; the message names the problem and the fix."""
+
+
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or inf."""
+
+
+class NonFiniteMemberError(NonFiniteError, PoolError):
+    """A pool member's tensor holds NaN or inf: its checkpoint is corrupted or broken."""
+
+
+_REFETCH = (
+    "The file is truncated or corrupted (an interrupted download or copy?): re-download "
+    "that checkpoint (for a hub id, delete it from the HF cache first) or rebuild it, then "
+    "run again."
+)
+
+
+# What torch.load raises on a truncated or corrupted pytorch_model.bin (OSError: mmap).
+_BAD_BIN = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
+
+
+def member_label(member: str | None, directory: Path) -> str:
+    return f"pool member {member!r} ({directory})" if member else f"checkpoint {directory}"
+
+
+@contextmanager
+def reading(who: str, path: Path, *errors: type[BaseException]) -> Iterator[None]:
+    """Turn a failure to read ``path`` (a ``SafetensorError``, or one of ``errors``) into a
+    ``PoolError`` naming the member, the file, the underlying error and the fix."""
+    try:
+        yield
+    except (SafetensorError, *errors) as err:
+        raise PoolError(
+            f"{who}: cannot read {path} ({type(err).__name__}: {err}). {_REFETCH}"
+        ) from err
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """Config dtype name → torch dtype (``None`` keeps the checkpoint's own dtype)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise PoolError(
+            f"model.dtype={name!r} is not supported; use one of {sorted(DTYPES)} or null"
+        )
+    return DTYPES[name]
+
+
+class TensorSource:
+    """Lazy, read-only access to one member's state dict."""
+
+    names: list[str]
+
+    def get(self, name: str) -> Tensor:
+        raise NotImplementedError
+
+    def file(self, name: str) -> Path:
+        """The file tensor ``name`` is read from (named in errors)."""
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        raise NotImplementedError
+
+
+class CheckpointSource(TensorSource):
+    """Tensors of a HF checkpoint directory, read one at a time.
+
+    Opening reads every safetensors header (not the payload), so a truncated or corrupted
+    file, or an index naming tensors its shard lacks, fails here (``PoolError``) rather than
+    mid-merge. ``member`` is the pool member's name, used in error messages.
+    """
+
+    def __init__(self, directory: Path, member: str | None = None):
+        self.directory = directory
+        self._who = member_label(member, directory)
+        self._where: dict[str, Path] = {}
+        self._bin_file: dict[str, Path] = {}
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.is_file():
+            bad_index = (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError)
+            with reading(self._who, index, *bad_index):
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._where = {k: directory / v for k, v in weight_map.items()}
+            missing = sorted({p for p in self._where.values() if not p.is_file()})
+            if missing:
+                raise PoolError(f"{self._who} lists shards that are missing: {missing}")
+            for shard in sorted(set(self._where.values())):
+                self._check_shard(shard, index)
+        elif single.is_file():
+            self._where = {k: single for k in self._keys(single)}
+        else:
+            bins = sorted(directory.glob("pytorch_model*.bin"))
+            if not bins:
+                raise PoolError(
+                    f"no weights in {directory}: expected model.safetensors, "
+                    "model.safetensors.index.json or pytorch_model*.bin"
+                )
+            self._bin: dict[str, Tensor] = {}
+            for b in bins:  # weights_only: never unpickle arbitrary objects
+                with reading(self._who, b, *_BAD_BIN):
+                    state = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+                self._bin.update(state)
+                self._bin_file.update(dict.fromkeys(state, b))
+        self.names = list(self._where) if self._where else list(self._bin)
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+
+    def _keys(self, path: Path) -> list[str]:
+        with reading(self._who, path), safe_open(path, framework="pt") as f:
+            return list(f.keys())
+
+    def _check_shard(self, shard: Path, index: Path) -> None:
+        absent = {k for k, p in self._where.items() if p == shard} - set(self._keys(shard))
+        if absent:
+            raise PoolError(
+                f"{self._who}: {index} maps {few(sorted(absent))} to {shard}, which does not "
+                f"hold them. {_REFETCH}"
+            )
+
+    def file(self, name: str) -> Path:
+        return self._where[name] if self._where else self._bin_file[name]
+
+    def get(self, name: str) -> Tensor:
+        if not self._where:
+            return self._bin[name]
+        path = self._where[name]
+        with reading(self._who, path), safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def _info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if name not in self._meta:
+            if self._where:
+                path = self._where[name]
+                with reading(self._who, path), safe_open(path, framework="pt") as f:
+                    sl = f.get_slice(name)
+                    shape = tuple(sl.get_shape())
+                    dtype = _SAFETENSORS_DTYPES[sl.get_dtype()]
+            else:
+                t = self._bin[name]
+                shape, dtype = tuple(t.shape), t.dtype
+            self._meta[name] = (shape, dtype)
+        return self._meta[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info(name)[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._info(name)[1]
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+# LoraConfig keys whose value never changes the merged weights (bookkeeping, initialisation
+# schemes, dropout); any other key set to a true value is a feature LoraSource would have
+# to implement, so it refuses the adapter rather than merge it approximately.
+_LORA_INERT_KEYS = frozenset(
+    "task_type peft_type auto_mapping peft_version base_model_name_or_path revision "
+    "inference_mode r target_modules exclude_modules lora_alpha lora_dropout fan_in_fan_out "
+    "bias use_rslora init_lora_weights layers_to_transform layers_pattern megatron_core "
+    "loftq_config eva_config corda_config lora_ga_config qalora_group_size runtime_config "
+    "lora_bias ensure_weight_tying".split()
+)
+
+
+# The fix for any adapter LoraSource refuses.
+_MERGE_FIRST = (
+    "Merge it into a full checkpoint with peft's merge_and_unload() and list that directory "
+    "as the expert's path instead"
+)
+
+
+class LoraSource(TensorSource):
+    """A PEFT LoRA adapter applied to the base: W = W0 + s·B·A, one tensor at a time.
+
+    s = lora_alpha / r (lora_alpha / sqrt(r) with ``use_rslora``). With ``lora_bias`` the
+    adapter's ``lora_B`` bias b moves the base layer's bias: bias0 + s·b, as peft merges it.
+    Deltas are added to the base in float32 and returned in float32: whoever consumes the
+    tensor rounds it once to its output dtype (a bf16 base plus a LoRA delta is not
+    rounded to bf16 first). Any adapter feature not implemented here (DoRA, rank/alpha
+    patterns, ``modules_to_save``, ``target_parameters``, trained base biases, embedding
+    LoRA, …: every LoraConfig key outside ``_LORA_INERT_KEYS`` set to a true value) is
+    refused with an error rather than merged approximately. ``member`` is the pool member's
+    name, used in error messages.
+    """
+
+    def __init__(self, adapter_dir: Path, base: TensorSource, member: str | None = None):
+        who = member_label(member, adapter_dir)
+        cfg_path = adapter_dir / "adapter_config.json"
+        if not cfg_path.is_file():
+            raise PoolError(f"{who} has no adapter_config.json; is it a PEFT LoRA adapter?")
+        with reading(who, cfg_path, json.JSONDecodeError, UnicodeDecodeError):
+            cfg = json.loads(cfg_path.read_text())
+        unsupported = sorted(k for k, v in cfg.items() if v and k not in _LORA_INERT_KEYS)
+        if cfg.get("bias", "none") != "none":
+            unsupported.append(f"bias={cfg['bias']!r}")
+        if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
+            raise PoolError(
+                f"{who}: adapter {cfg_path} uses {cfg.get('peft_type')} {unsupported}, which "
+                "mergelab does not implement: only plain LoRA (optionally with lora_bias) is "
+                f"supported. {_MERGE_FIRST}"
+            )
+        r = cfg["r"]
+        self.scaling = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
+        self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+        self.base = base
+        self.names = base.names
+        self.weights = adapter_dir / "adapter_model.safetensors"
+        if self.weights.is_file():
+            with reading(who, self.weights), safe_open(self.weights, framework="pt") as f:
+                raw = {k: f.get_tensor(k) for k in f.keys()}
+        elif (adapter_dir / "adapter_model.bin").is_file():
+            self.weights = adapter_dir / "adapter_model.bin"
+            with reading(who, self.weights, *_BAD_BIN):
+                raw = torch.load(self.weights, map_location="cpu", weights_only=True)
+        else:
+            raise PoolError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
+        self.pairs: dict[str, tuple[Tensor, Tensor]] = {}
+        self.biases: dict[str, Tensor] = {}  # target bias name → lora_B's bias
+        base_names = set(base.names)
+
+        def target(key: str, suffix: str, kind: str) -> str:
+            name = re.sub(r"^base_model\.model\.", "", key).replace(suffix, f".{kind}")
+            if name not in base_names:
+                why = (
+                    "the adapter was trained with lora_bias=True on a layer whose base has no bias"
+                    if kind == "bias"
+                    else "was the adapter trained on a different base model?"
+                )
+                raise PoolError(
+                    f"{who}: adapter {self.weights} targets {name!r}, which the base does not "
+                    f"have; {why}"
+                )
+            return name
+
+        for key, t in raw.items():
+            if key.endswith(".lora_A.weight"):
+                b_key = key.replace(".lora_A.", ".lora_B.")
+                if b_key not in raw:
+                    raise PoolError(f"{who}: adapter {self.weights} has {key!r} but no {b_key!r}")
+                self.pairs[target(key, ".lora_A.weight", "weight")] = (t, raw[b_key])
+            elif key.endswith(".lora_B.bias"):
+                self.biases[target(key, ".lora_B.bias", "bias")] = t
+            elif not key.endswith(".lora_B.weight"):
+                raise PoolError(
+                    f"{who}: adapter {self.weights} holds {key!r}, which is not a LoRA A/B "
+                    f"weight or lora_B bias; mergelab does not implement that adapter feature. "
+                    f"{_MERGE_FIRST}"
+                )
+
+    def file(self, name: str) -> Path:
+        """The adapter's weights for a tensor it changes, else the base's file."""
+        return self.weights if name in self.pairs or name in self.biases else self.base.file(name)
+
+    def get(self, name: str) -> Tensor:
+        """The base's tensor, or for a tensor the adapter changes W0 + s·B·A (a bias:
+        bias0 + s·b) in float32, rounded by no one here."""
+        w = self.base.get(name)
+        if name in self.biases:
+            return w.float() + self.biases[name].float() * self.scaling
+        if name not in self.pairs:
+            return w
+        a, b = self.pairs[name]
+        delta = (b.float() @ a.float()) * self.scaling
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return w.float() + delta
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+
+def few(items: Sequence[str], n: int = 8) -> str:
+    if not items:
+        return "none"
+    shown = ", ".join(items[:n])
+    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
