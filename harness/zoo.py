@@ -338,8 +338,7 @@ def _usable(part: str, done: Path, recipe: Recipe, *, note: bool) -> bool:
 def training_digest(suite_seed: int) -> str:
     """sha256 of every text a zoo trains on (general corpus, then each category's train
     split), read from the suite cache as a build reads it."""
-    texts, general = _data_for_seed(suite_seed)
-    return _texts_digest(general + sum(texts.values(), []))
+    return _texts_digest(_corpus(*_data_for_seed(suite_seed)))
 
 
 def build_base(
@@ -426,6 +425,12 @@ def _data(recipe: Recipe) -> tuple[dict[str, list[str]], list[str]]:
     return _data_for_seed(recipe.suite_seed)
 
 
+def _corpus(texts: dict[str, list[str]], general: list[str]) -> list[str]:
+    """Every training text in one list: the general corpus, then each category's (what
+    the tokenizer trains on and :func:`training_digest` hashes)."""
+    return general + sum(texts.values(), [])
+
+
 def _data_for_seed(suite_seed: int) -> tuple[dict[str, list[str]], list[str]]:
     suite = build_suite(default_suite_dir(suite_seed), seed=suite_seed)
     texts = {c: [_eol(t) for t in training_texts(suite, c)] for c in CATEGORIES}
@@ -454,7 +459,7 @@ def _build_base(size: str, seed: int, recipe: Recipe, device: str, progress: boo
     tmp = _partial(out)
     start = time.perf_counter()
     texts, general = _data(recipe)
-    corpus = general + sum(texts.values(), [])  # what training_digest hashes
+    corpus = _corpus(texts, general)
     tokenizer = train_tokenizer(corpus, recipe, tmp / "tokenizer")
     model = _new_model(recipe, len(tokenizer), derived_seed(seed, "base/init"))
     stats = finetune(

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from core.options import check_finite, check_unit_interval, check_weights_option, resolve_weights
 from methods.base import MergeMethod
+from methods.task_arithmetic import sum_combine
 from methods.ties import ties_combine
 
 
@@ -56,12 +57,8 @@ def breadcrumbs_merge(
     for e in experts:
         tau = e - base
         masked.append(tau * breadcrumbs_mask(tau, density, gamma))
-    if sign_election:
-        return ties_combine(base, masked, scaling, weights)
-    acc = torch.zeros_like(base)
-    for w, t in zip(weights, masked, strict=True):
-        acc.add_(t, alpha=w)
-    return base + scaling * acc
+    combine = ties_combine if sign_election else sum_combine
+    return combine(base, masked, scaling, weights)
 
 
 class Breadcrumbs(MergeMethod):

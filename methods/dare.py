@@ -27,6 +27,7 @@ from torch import Tensor
 
 from core.options import check_finite, check_unit_interval, check_weights_option, resolve_weights
 from methods.base import MergeMethod
+from methods.task_arithmetic import sum_combine
 from methods.ties import ties_combine
 
 
@@ -68,11 +69,7 @@ def dare_linear_merge(
 ) -> Tensor:
     """θ0 + λ Σ_k w_k τ̃_k with τ̃_k = DARE(τ_k, masks[k])."""
     tilde = [dare_rescale(t - base, m, drop_rate) for t, m in zip(experts, masks, strict=True)]
-    ws = [1.0] * len(tilde) if weights is None else [float(w) for w in weights]
-    acc = torch.zeros_like(base)
-    for w, t in zip(ws, tilde, strict=True):
-        acc.add_(t, alpha=w)
-    return base + scaling * acc
+    return sum_combine(base, tilde, scaling, weights)
 
 
 def dare_ties_merge(

@@ -30,6 +30,24 @@ def weighted_task_sum(
     return acc
 
 
+def sum_combine(
+    base: Tensor,
+    vectors: Sequence[Tensor],
+    scaling: float = 1.0,
+    weights: Sequence[float] | None = None,
+) -> Tensor:
+    """θ0 + λ Σ_k w_k v_k over already processed task vectors (trimmed, dropped, masked):
+    the linear counterpart of :func:`methods.ties.ties_combine`."""
+    vectors = list(vectors)
+    ws = [1.0] * len(vectors) if weights is None else [float(w) for w in weights]
+    if len(ws) != len(vectors):
+        raise ValueError(f"got {len(ws)} weights for {len(vectors)} task vectors")
+    acc = torch.zeros_like(base)
+    for w, v in zip(ws, vectors, strict=True):
+        acc.add_(v, alpha=w)
+    return base + scaling * acc
+
+
 def task_arithmetic(
     base: Tensor,
     experts: Sequence[Tensor],
