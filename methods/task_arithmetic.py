@@ -6,7 +6,7 @@ The per-model weights are *not* normalised: λ alone sets the overall step size
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,18 +16,26 @@ from core.options import check_finite, check_weights_option, resolve_weights
 from methods.base import MergeMethod
 
 
+def _weighted_sum(
+    like: Tensor, vectors: Iterable[Tensor], n: int, weights: Sequence[float] | None, what: str
+) -> Tensor:
+    """Σ_k w_k v_k over ``n`` vectors (taken one at a time, so a generator keeps one
+    difference in memory); equal weights 1.0 when ``None``."""
+    ws = [1.0] * n if weights is None else [float(w) for w in weights]
+    if len(ws) != n:
+        raise ValueError(f"got {len(ws)} weights for {n} {what}")
+    acc = torch.zeros_like(like)
+    for w, v in zip(ws, vectors, strict=True):
+        acc.add_(v, alpha=w)
+    return acc
+
+
 def weighted_task_sum(
     base: Tensor, experts: Sequence[Tensor], weights: Sequence[float] | None = None
 ) -> Tensor:
     """Σ w_k (θ_k − θ0) (equal weights 1.0 when ``None``)."""
     experts = list(experts)
-    ws = [1.0] * len(experts) if weights is None else [float(w) for w in weights]
-    if len(ws) != len(experts):
-        raise ValueError(f"got {len(ws)} weights for {len(experts)} experts")
-    acc = torch.zeros_like(base)
-    for w, t in zip(ws, experts, strict=True):
-        acc.add_(t - base, alpha=w)
-    return acc
+    return _weighted_sum(base, (t - base for t in experts), len(experts), weights, "experts")
 
 
 def sum_combine(
@@ -39,13 +47,7 @@ def sum_combine(
     """θ0 + λ Σ_k w_k v_k over already processed task vectors (trimmed, dropped, masked):
     the linear counterpart of :func:`methods.ties.ties_combine`."""
     vectors = list(vectors)
-    ws = [1.0] * len(vectors) if weights is None else [float(w) for w in weights]
-    if len(ws) != len(vectors):
-        raise ValueError(f"got {len(ws)} weights for {len(vectors)} task vectors")
-    acc = torch.zeros_like(base)
-    for w, v in zip(ws, vectors, strict=True):
-        acc.add_(v, alpha=w)
-    return base + scaling * acc
+    return base + scaling * _weighted_sum(base, vectors, len(vectors), weights, "task vectors")
 
 
 def task_arithmetic(
