@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,7 @@ from evals.calibration import calibration_prompts
 from evals.lm_eval import NonFiniteScoreError, evaluate, validate_tasks, write_samples_jsonl
 from harness import records, tracking
 from harness.data import load_texts
+from harness.fit_cache import cached_fit, member_files
 from harness.pool import ModelPool, parse_dtype
 from harness.resolvers import resolve_include_path
 from harness.stream import ShardedCheckpointWriter, execute, model_card
@@ -148,8 +150,19 @@ def _merge_and_score(
     if method.needs_data:
         with _timed(timings, "calibration"):
             fit_context = _fit_context(c, pool, method, tokenizer, task_manager, tracker)
-    model, digest = _merge(c, pool, method, record, cell_dir / "merged", timings, fit_context)
+    fitted: dict[str, str] = {}
+
+    def fit_cache(m: MergeMethod, ctx: FitContext) -> None:
+        root = Path(c["runs_dir"]) / ".fit_cache"
+        members = member_files(pool)
+        fitted.update(cached_fit(m, ctx, c, root, members, refresh=bool(c.get("force"))))
+
+    cache = fit_cache if c.get("fit_cache", True) else None
+    merged_dir = cell_dir / "merged"
+    model, digest = _merge(c, pool, method, record, merged_dir, timings, fit_context, cache)
     record["method"]["report"] = method.report()
+    if fitted:
+        record["method"]["fit_cache"] = fitted
     record["weights_sha256"] = digest
     task_cfg, ev = c["task"], c["eval"]
     with _timed(timings, "eval"):
@@ -255,6 +268,7 @@ def _merge(
     merged_dir: Path,
     timings: dict[str, float],
     fit_context: FitContext | None,
+    fit_cache: Callable[[MergeMethod, FitContext], None] | None = None,
 ) -> tuple[Any, str]:
     """Merge in memory (then optionally save) or stream to disk (then load)."""
     from transformers import AutoModelForCausalLM
@@ -268,7 +282,13 @@ def _merge(
         writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
         with _timed(timings, "merge"):
             digest = execute(
-                pool, method, writer, seed=c["seed"], device=c["device"], fit_context=fit_context
+                pool,
+                method,
+                writer,
+                seed=c["seed"],
+                device=c["device"],
+                fit_context=fit_context,
+                fit_cache=fit_cache,
             )
         with _timed(timings, "save"):
             writer.close(pool, model_card(record))
@@ -285,6 +305,7 @@ def _merge(
             seed=c["seed"],
             device=c["device"],
             fit_context=fit_context,
+            fit_cache=fit_cache,
         )
     with _timed(timings, "load"):
         model = AutoModelForCausalLM.from_pretrained(pool.base_dir, **load_kwargs)

@@ -44,10 +44,12 @@ def execute(
     device: str = "cpu",
     progress: bool = True,
     fit_context: FitContext | None = None,
+    fit_cache: Callable[[MergeMethod, FitContext], object] | None = None,
 ) -> str:
     """Run ``method`` over ``pool`` tensor by tensor; return the merged weights' sha256.
 
-    A data-dependent method first learns from ``fit_context`` (its ``fit``). Tensors kept
+    A data-dependent method first learns from ``fit_context`` (its ``fit``, or through
+    ``fit_cache(method, fit_context)``, which may restore a cached fit). Tensors kept
     from the base (excluded or non-floating) are passed through unchanged. Every tensor
     read (base, experts, kept tensors) is checked finite first (``NonFiniteMemberError``);
     a merged tensor with NaN/inf raises ``NonFiniteError``.
@@ -61,7 +63,10 @@ def execute(
     if method.needs_data:
         if fit_context is None:
             raise ValueError(f"{method.name} learns from data and needs a FitContext")
-        method.fit(fit_context)
+        if fit_cache is None:
+            method.fit(fit_context)
+        else:
+            fit_cache(method, fit_context)
 
     def loaded(name: str) -> tuple[Tensor, dict[str, Tensor]]:
         base, experts = pool.tensors(name)

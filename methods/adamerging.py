@@ -161,6 +161,7 @@ class AdaMerging(MergeMethod):
 
     name = "adamerging"
     needs_data = True
+    fit_state_keys = ("_coef", "_row", "thresholds", "_fit_report")
 
     def __init__(
         self,
@@ -265,11 +266,7 @@ class AdaMerging(MergeMethod):
     # ------------------------------------------------------------------ fit
 
     def fit(self, ctx: FitContext) -> None:
-        if list(ctx.expert_names) != self.expert_names:
-            raise ValueError(
-                f"FitContext experts {list(ctx.expert_names)} differ from setup's "
-                f"{self.expert_names}"
-            )
+        ctx.check_experts(self.expert_names)
         if self._loaded is not None:  # reuse: check coverage, learn nothing
             if self.granularity == "layer":
                 missing = [n for n in ctx.tensor_names if n not in self._row]
@@ -282,17 +279,8 @@ class AdaMerging(MergeMethod):
         names = list(ctx.tensor_names)
         if not names:
             raise ValueError("AdaMerging: the pool has no mergeable tensors")
-        model = ctx.build_model("base")
-        model.requires_grad_(False)
-        model.eval()
+        model = ctx.frozen_model("base", "AdaMerging")
         state = model.state_dict()
-        unknown = [n for n in names if n not in state]
-        if unknown:
-            raise ValueError(
-                f"AdaMerging: tensors {unknown[:8]} are not in the model from "
-                "ctx.build_model('base'); the pool's tensor names must be the model's "
-                "state-dict keys"
-            )
         bases = {n: state[n].detach() for n in names}  # the model's own tensors, no copy
         dtypes = {n: state[n].dtype for n in names}
         del state

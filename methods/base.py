@@ -17,7 +17,9 @@ Data-dependent methods (AdaMerging, Sens-Merging) set ``needs_data = True`` and 
 ``fit(ctx)`` call after ``setup`` and before any pass. ``FitContext`` gives them the pool's
 tensors, whole models when a forward pass is needed, the tokenizer, unlabelled
 calibration prompts per task and a per-step logger; whatever they learn (coefficients)
-then drives the ordinary per-tensor ``merge_tensor``.
+then drives the ordinary per-tensor ``merge_tensor``. The attributes named in
+``fit_state_keys`` are what the runner caches, so a later cell that would fit the same way
+restores them with ``load_fit_state`` instead of fitting.
 
 ``report()`` returns whatever the method computed that belongs in the result record
 (coefficients, thresholds); it must be JSON-serialisable.
@@ -63,6 +65,29 @@ class FitContext:
     load_texts: Callable[[Mapping[str, Any]], list[str]] | None = None
     cache_dir: Path | None = None
 
+    def frozen_model(self, member: str, who: str) -> torch.nn.Module:
+        """``build_model(member)`` with gradients off, after checking that every mergeable
+        tensor is one of its state-dict keys (``who`` names the method in the error)."""
+        model = self.build_model(member)
+        model.requires_grad_(False)
+        model.eval()
+        keys = set(model.state_dict())
+        missing = [n for n in self.tensor_names if n not in keys]
+        if missing:
+            raise ValueError(
+                f"{who}: tensors {missing[:8]} are not in the model from "
+                f"ctx.build_model({member!r}); the pool's tensor names must be the model's "
+                "state-dict keys"
+            )
+        return model
+
+    def check_experts(self, expected: Sequence[str]) -> None:
+        """Refuse a context whose experts are not ``expected`` (those ``setup`` was given)."""
+        if list(self.expert_names) != list(expected):
+            raise ValueError(
+                f"FitContext experts {list(self.expert_names)} differ from setup's {list(expected)}"
+            )
+
 
 class MergeMethod(ABC):
     """Base class of every merge plugin (instantiated by Hydra through ``_target_``)."""
@@ -71,10 +96,24 @@ class MergeMethod(ABC):
     stat_passes: ClassVar[int] = 0
     needs_data: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = True  # read the tasks' unlabelled prompts in fit
+    # What the runner may cache of a fit (harness/fit_cache.py): the attributes ``fit``
+    # sets and the merge reads, and the options only the merge reads. Empty: never cached.
+    fit_state_keys: ClassVar[tuple[str, ...]] = ()
+    fit_independent: ClassVar[tuple[str, ...]] = ()
 
     def fit(self, ctx: FitContext) -> None:
         """Learn whatever the merge needs from data (only when ``needs_data``)."""
         raise NotImplementedError(f"{type(self).__name__} does not learn from data")
+
+    def fit_state(self) -> dict[str, Any]:
+        """What ``fit`` learned: the ``fit_state_keys`` attributes (tensors, dicts with str
+        keys, lists and plain values)."""
+        return {k: getattr(self, k) for k in self.fit_state_keys}
+
+    def load_fit_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``fit`` learned (instead of calling it), after ``setup``."""
+        for k in self.fit_state_keys:
+            setattr(self, k, state[k])
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
         """Called once before any pass with the pool's expert names and the run seed."""

@@ -101,7 +101,6 @@ base's): :func:`lora_merge`, a pure function, in ``merge_tensor``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -114,6 +113,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.fingerprints import texts_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from core.lm import pad_id_of, right_pad
 from core.options import check_choice, check_finite, check_int
 from core.train import (
@@ -514,26 +514,6 @@ def _safe_log(log: Callable[[dict[str, float], int], None], metrics: dict, step:
 # ---------------------------------------------------------------------------- cache
 
 
-def fingerprint_state(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (names, dtypes, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def fingerprint_tokenizer(tokenizer: Any) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    extra = [getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")]
-    return hashlib.sha256(json.dumps([vocab, extra, type(tokenizer).__name__]).encode()).hexdigest()
-
-
-def texts_digest(texts: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
-
-
 ADAPTERS_FILE = "adapters.safetensors"
 
 
@@ -725,7 +705,7 @@ class BoRA(MergeMethod):
             "code_version": CODE_VERSION,
             "tau": self.tau,
             "tasks": {
-                d: {"spec": s, "n": len(texts[d]), "sha256": texts_digest(texts[d])}
+                d: {"spec": s, "n": len(texts[d]), "sha256": texts_fingerprint(texts[d])}
                 for d, s in self.tasks.items()
             },
             "r": self.r,
@@ -738,8 +718,8 @@ class BoRA(MergeMethod):
             "seed": seed,
             "prior_update": self.prior_update,
             "schedule": self.schedule,
-            "base": fingerprint_state(model),
-            "tokenizer": fingerprint_tokenizer(ctx.tokenizer),
+            "base": weights_fingerprint(model),
+            "tokenizer": tokenizer_fingerprint(ctx.tokenizer),
         }
 
         def train(checkpoint_dir: Path | None) -> BoraFit:

@@ -69,7 +69,6 @@ so keep ``exclude: []`` for this method.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -78,6 +77,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.fingerprints import texts_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from core.options import check_choice, check_finite, check_int
 from core.train import (
     SCHEDULES,
@@ -186,33 +186,6 @@ def _check_omega(value: Any, what: str) -> float | str:
     if v < 0:
         raise ValueError(f"{what} must be >= 0, got {v}")
     return v
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every state-dict tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's class, vocabulary and special tokens."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = getattr(tokenizer, "special_tokens_map", {})
-    payload = repr((type(tokenizer).__name__, vocab, sorted(special.items())))
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def texts_fingerprint(texts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 class MergeToLearn(MergeMethod):

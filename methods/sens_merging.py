@@ -51,14 +51,14 @@ experts' prompts. One model is held at a time (the last one is reused).
 from __future__ import annotations
 
 import gc
-import re
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from core.calibration import expert_prompts
+from core.layers import group_tensors, layer_group
 from core.lm import encode_prompts, pad_id_of, right_pad
 from core.options import check_choice, check_finite, check_int, check_unit_interval
 from methods.base import FitContext, MergeMethod
@@ -68,31 +68,6 @@ from methods.ties import TIES, TRIM_SCOPES
 
 BASE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 ALIGNMENTS = ("kl", "l2", "cosine")
-
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)(?:\.|$)")
-_EMBED = re.compile(r"embed|(?:^|\.)(?:wte|wpe|word_embeddings)(?:\.|$)")
-
-
-def layer_group(name: str) -> str:
-    """``layers.<i>`` for a transformer block's tensor, ``head``, ``embed`` or ``other``."""
-    m = _BLOCK.search(name)
-    if m:
-        return f"layers.{int(m.group(1))}"
-    if _HEAD.search(name):
-        return "head"
-    if _EMBED.search(name):
-        return "embed"
-    return "other"
-
-
-def group_tensors(names: Sequence[str]) -> dict[str, list[str]]:
-    """Group → its tensor names, groups in order of first appearance."""
-    out: dict[str, list[str]] = {}
-    for n in names:
-        out.setdefault(layer_group(n), []).append(n)
-    return out
-
 
 # ------------------------------------------------------------------ coefficients
 
@@ -196,6 +171,9 @@ class SensMerging(MergeMethod):
 
     name = "sens_merging"
     needs_data = True
+    fit_state_keys = ("factors", "_report")
+    # the base merge's options: σ is learned from the experts alone
+    fit_independent = ("base_method", "scaling", "density", "drop_rate", "trim_scope")
 
     def __init__(
         self,
@@ -246,32 +224,9 @@ class SensMerging(MergeMethod):
 
     # ------------------------------------------------------------------ fit
 
-    def calibration_for(self, ctx: FitContext, expert: str) -> tuple[list[str], list[str]]:
-        """(matched calibration tasks, up to ``n_calibration`` prompts round-robin)."""
-        keys = list(ctx.calibration)
-        tasks: list[str] = []
-        for t in ctx.expert_tasks.get(expert, []):
-            hits = [t] if t in ctx.calibration else [k for k in keys if k.startswith(f"{t}_")]
-            tasks.extend(h for h in hits if h not in tasks)
-        if not tasks:
-            warnings.warn(
-                f"Sens-Merging: expert {expert!r} has no calibration prompts of its own tasks "
-                f"{ctx.expert_tasks.get(expert, [])}; using every task's prompts {keys}",
-                stacklevel=2,
-            )
-            tasks = keys
-        lists = [list(ctx.calibration[t]) for t in tasks]
-        prompts: list[str] = []
-        for i in range(max((len(x) for x in lists), default=0)):
-            prompts.extend(x[i] for x in lists if i < len(x))
-        return tasks, prompts[: self.n_calibration]
-
     def fit(self, ctx: FitContext) -> None:
         experts = list(self.expert_names)
-        if list(ctx.expert_names) != experts:
-            raise ValueError(
-                f"FitContext experts {list(ctx.expert_names)} differ from setup's {experts}"
-            )
+        ctx.check_experts(experts)
         groups = group_tensors(ctx.tensor_names)
         if not groups:
             raise ValueError("Sens-Merging: the pool has no mergeable tensors")
@@ -279,7 +234,9 @@ class SensMerging(MergeMethod):
         device = ctx.device
         cal_tasks, seqs = {}, {}
         for e in experts:
-            cal_tasks[e], prompts = self.calibration_for(ctx, e)
+            cal_tasks[e], prompts = expert_prompts(
+                ctx.calibration, ctx.expert_tasks, e, self.n_calibration, "Sens-Merging"
+            )
             seqs[e] = encode_prompts(ctx.tokenizer, prompts, self.max_length)
             if not any(len(s) >= 2 for s in seqs[e]):
                 raise ValueError(

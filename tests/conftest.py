@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.helpers.threads import one_thread  # noqa: E402
+from core.numerics import one_thread  # noqa: E402
 from tests.helpers.tiny_pool import build_pool, write_conf, write_tasks  # noqa: E402
 
 

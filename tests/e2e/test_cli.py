@@ -377,3 +377,25 @@ def test_concurrent_runs_of_one_cell_compute_it_once(tiny_pool, tmp_path):
     assert stdout.count("[mergelab] done ") == 1, stdout
     assert stdout.count("finished by a concurrent run") == 1, stdout
     assert len(list(tmp_path.glob("*/result.json"))) == 1
+
+
+def test_a_sweep_over_merge_only_options_fits_once(tiny_pool, tmp_path):
+    """Sens-Merging's σ comes from the experts alone: a second cell that changes only the
+    base merge reuses the cached fit and merges bit-identically to a fresh fit of it."""
+    runs, fresh = tmp_path / "runs", tmp_path / "fresh"
+    common = ["method.n_calibration=4", "task.calibration={split: test, n: 8}"]
+    for method in ("sens_ta", "sens_ties"):
+        mergelab(tiny_pool["conf"], runs, f"method={method}", *common)
+    mergelab(tiny_pool["conf"], fresh, "method=sens_ties", "fit_cache=false", *common)
+    by_base = {
+        r["method"]["params"]["base_method"]: r
+        for r in (json.loads(p.read_text()) for p in runs.glob("*/result.json"))
+    }
+    first, second = by_base["task_arithmetic"], by_base["ties"]
+    assert first["method"]["fit_cache"]["fit"] == "stored"
+    assert second["method"]["fit_cache"] == {**first["method"]["fit_cache"], "fit": "reused"}
+    (alone,) = [json.loads(p.read_text()) for p in fresh.glob("*/result.json")]
+    assert "fit_cache" not in alone["method"]
+    assert alone["weights_sha256"] == second["weights_sha256"]
+    assert alone["scores"] == second["scores"]
+    assert (runs / ".fit_cache" / first["method"]["fit_cache"]["key"] / "state.json").is_file()

@@ -119,13 +119,18 @@ def drive_fit(
     base: Mapping[str, Tensor],
     experts: Mapping[str, Mapping[str, Tensor]],
     seed: int = 0,
+    fit: Callable[[MergeMethod, FitContext], object] | None = None,
 ) -> dict[str, Tensor]:
-    """setup → fit (when ``needs_data``) → statistics passes → merge_tensor, per tensor."""
+    """setup → fit (when ``needs_data``; through ``fit`` if given, e.g. the runner's fit
+    cache) → statistics passes → merge_tensor, per tensor."""
     names = list(base)
     method.setup(list(experts), seed)
     if method.needs_data:
         assert ctx is not None, f"{method.name} needs a FitContext"
-        method.fit(ctx)
+        if fit is None:
+            method.fit(ctx)
+        else:
+            fit(method, ctx)
 
     def per_expert(name: str) -> dict[str, Tensor]:
         return {e: tensors[name].float() for e, tensors in experts.items()}

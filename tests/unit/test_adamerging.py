@@ -7,6 +7,7 @@ from _drive import instantiate_conf
 from _fit import drive_fit, make_context, tiny_pool
 
 from core.lm import encode_prompts, entropy, last_positions, last_token_entropy, right_pad
+from core.numerics import one_thread
 from methods.adamerging import (
     AdaMerging,
     clamp_coefficients,
@@ -15,7 +16,6 @@ from methods.adamerging import (
     merged_parameters,
 )
 from methods.ties import TIES, disjoint_merge, elect_sign, trim_by_threshold
-from tests.helpers.threads import one_thread
 
 FAST = {"steps": 12, "lr": 0.05, "batch_size": 8}
 

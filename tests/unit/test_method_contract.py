@@ -40,7 +40,25 @@ def _pool() -> tuple[dict, dict]:
 
 
 def test_every_method_config_is_covered():
-    assert {"ties", "slerp", "model_stock", "breadcrumbs", "consensus_ta"} <= set(CONFS)
+    assert {
+        "ties",
+        "slerp",
+        "model_stock",
+        "breadcrumbs",
+        "consensus_ta",
+        "della",
+        "della_linear",
+        "sce",
+        "tsv_merge",
+        "iso_c",
+        "iso_cts",
+        "lines",
+        "karcher",
+        "emr",
+        "fisher",
+        "regmean",
+        "regmean_pp",
+    } <= set(CONFS)
 
 
 @pytest.mark.parametrize("name", CONFS)

@@ -7,6 +7,7 @@ from _drive import drive, instantiate_conf
 from _fit import ADD_TASK, CALIBRATION, EXPERT_TASKS, drive_fit, make_context, tiny_pool
 
 from core.lm import encode_prompts
+from core.numerics import one_thread
 from methods.sens_merging import (
     SensMerging,
     alignment_beta,
@@ -19,7 +20,6 @@ from methods.sens_merging import (
 )
 from methods.task_arithmetic import TaskArithmetic
 from methods.ties import TIES
-from tests.helpers.threads import one_thread
 from tests.helpers.tiny_lm import make_tiny_llama
 
 

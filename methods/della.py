@@ -1,0 +1,246 @@
+"""DELLA-Merging (Deep, Bhardwaj & Poria 2024, arXiv 2406.11617): MAGPRUNE drop and
+rescale, then TIES' sign election and disjoint mean (``della``) or a weighted sum
+(``della_linear``).
+
+**Drop (MAGPRUNE)**, per tensor and expert, with τ = θk − θ0 split into rows (a 2-D or
+higher tensor: one row per output unit, ``τ.reshape(shape[0], -1)``; a 1-D tensor: one
+row): the n entries of a row are ranked by |τ| ascending, r = 0 … n − 1, and entry i
+is kept with probability
+
+    p_i = (d − ε) + 2ε · r_i / (n − 1)
+
+so the smallest magnitude gets d − ε, the largest d + ε, linearly in between, and the
+row's mean keep-probability is exactly d (``density``). A row of one entry gets p = d.
+Survivors are rescaled by 1/p_i (``rescale: inverse_p``), so E[τ̃_i] = τ_i. With ε = 0
+this is DARE with drop rate 1 − d on the same seeded uniforms (bit for bit where 1 − d is
+a float32 number, e.g. d = 0.5: DARE compares in float32, this module in float64).
+
+**Elect + fuse**: ``della`` hands the τ̃_k to :func:`methods.ties.ties_combine`
+(γ = sign(Σ_k τ̃_k) unweighted, mean of the agreeing entries weighted by ``weights``,
+θ0 + λ·merged); ``della_linear`` to :func:`methods.task_arithmetic.sum_combine`
+(θ0 + λ Σ_k w_k τ̃_k).
+
+Reproducible masks: entry i is kept iff u_i ≥ 1 − p_i, with the uniforms u drawn for the
+whole tensor shape on CPU from a ``torch.Generator`` seeded by
+:func:`methods.dare.mask_seed` (run seed, expert, tensor name), exactly as DARE draws
+them, then moved to the tensor's device. Masks never depend on order, device or the
+global RNG. The comparison is in float64 (p is computed in float64).
+
+Sources and the choices made here:
+- The paper's own text could not be read here; "the paper" below means its abstract
+  (rescale by 1/(1 − p) with p the drop probability, i.e. by 1 / keep-probability) and the
+  authors' released code (declare-lab/della, ``rank_magnitude`` in its mergekit fork),
+  whose conventions the list below follows. The authors' ``window_size`` is the full
+  width of the probability window; their code passes ε = window_size / 2, which is this
+  module's ``epsilon`` (a half-width, as in mergekit). Their README's three-expert
+  command (drop rate 0.3, window 0.14, λ 1.1) gives the defaults: density 0.7,
+  ε 0.07, λ = ``scaling`` 1.1.
+- Ranks normalised by (r − r_min)/(r_max − r_min) = r/(n − 1), as the authors' code and
+  mergekit 0.1.5 do. Equal magnitudes are ranked by a stable sort (lower index ranks
+  lower); both references use an unstable ``argsort``.
+- Bounds: d ∈ (0, 1]; for d < 1 we need ε ≥ 0, d − ε > 0 and d + ε ≤ 1 (so every p is a
+  probability; nothing is clamped). d = 1 keeps everything and ignores ε (mergekit).
+- ``della_linear`` is mergekit's variant (the paper has no linear DELLA); its λ defaults
+  to 0.3, task arithmetic's, as for ``breadcrumbs``.
+
+mergekit 0.1.5 (``mergekit/sparsify.py`` ``della_magprune``, registered in
+``merge_methods/registry.py`` as ``della`` / ``della_linear``) differs:
+- **Rescale**: not by 1/p. ``rescale: true`` (its default for both) multiplies the whole
+  masked tensor by ‖τ‖₁ / ‖τ ⊙ m‖₁ (one factor per tensor, skipped when either norm is
+  below 1e-7). Offered here as ``rescale: l1``; ``rescale: none`` keeps survivors as they
+  are (the authors' ``--rescale 0``).
+- Same probabilities: p from d − ε to d + ε over the rank normalised by its row's min
+  and max (rows along dim 1; 1-D tensors unsqueezed to one row); it raises unless
+  d ± ε is strictly inside (0, 1); a row of one entry gives 0/0 (NaN) there.
+- Masks from ``torch.bernoulli`` on the global RNG (reproducible only under
+  ``--random-seed``, and never the same bits as here).
+- Election: the weights multiply the τ̃_k *before* the sign vote (a weighted vote), and
+  a zero sum elects +1; here the vote is unweighted and a zero sum merges to 0 (as in
+  :mod:`methods.ties`). ``della`` divides by Σ w_k over the agreeing experts
+  (``normalize: true``, as here); ``della_linear`` does not divide (as here).
+- Defaults: density 1.0 (no pruning), ε 0.15, λ 1.0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.options import (
+    check_choice,
+    check_finite,
+    check_unit_interval,
+    check_weights_option,
+    resolve_weights,
+)
+from methods.base import MergeMethod
+from methods.dare import mask_seed
+from methods.task_arithmetic import sum_combine
+from methods.ties import ties_combine
+
+RESCALES = ("inverse_p", "l1", "none")
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as a 2-D view of rows: (shape[0], rest) for ≥ 2-D, one row otherwise."""
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)
+
+
+def magprune_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
+    """Keep-probability of every entry (float64, ``tau``'s shape): per row, rising
+    linearly with the |τ| rank from d − ε (smallest) to d + ε (largest); d for a row of
+    one entry. Equal magnitudes are ranked by a stable sort (lower index lower)."""
+    rows = _rows(tau)
+    n = rows.shape[1]
+    if n <= 1 or epsilon == 0:
+        return torch.full(tau.shape, float(density), dtype=torch.float64, device=tau.device)
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    positions = torch.arange(n, device=tau.device, dtype=torch.float64).expand_as(order)
+    rank = torch.empty(rows.shape, dtype=torch.float64, device=tau.device)
+    rank.scatter_(1, order, positions)
+    del order
+    # p = (d − ε) + 2ε · r / (n − 1), in place (one float64 buffer)
+    prob = rank.div_(n - 1).mul_(2.0 * epsilon).add_(density - epsilon)
+    return prob.reshape(tau.shape)
+
+
+def magprune_uniforms(shape: Sequence[int] | torch.Size, generator_seed: int) -> Tensor:
+    """The uniforms of one (expert, tensor): ``torch.rand`` on CPU from a private generator
+    (the same draws as :func:`methods.dare.dare_keep_mask` makes)."""
+    g = torch.Generator(device="cpu").manual_seed(generator_seed)
+    return torch.rand(tuple(shape), generator=g)
+
+
+def magprune(
+    tau: Tensor, keep_prob: Tensor, uniforms: Tensor, rescale: str = "inverse_p"
+) -> tuple[Tensor, Tensor]:
+    """(τ̃, keep): keep_i = [u_i ≥ 1 − p_i]; survivors rescaled by 1/p_i (``inverse_p``),
+    by the tensor's L1 ratio ‖τ‖₁/‖τ ⊙ keep‖₁ (``l1``, mergekit), or not at all."""
+    check_choice(rescale, "rescale", RESCALES)
+    u = uniforms.to(device=tau.device, dtype=torch.float64)
+    keep = u >= 1.0 - keep_prob
+    zero = torch.zeros_like(tau)
+    if rescale == "inverse_p":
+        return torch.where(keep, tau / keep_prob.to(tau.dtype), zero), keep
+    masked = torch.where(keep, tau, zero)
+    if rescale == "l1":
+        before, after = tau.abs().sum(), masked.abs().sum()
+        if before >= L1_EPS and after >= L1_EPS:
+            masked = masked * (before / after)
+    return masked, keep
+
+
+def della_merge(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    uniforms: Sequence[Tensor],
+    *,
+    density: float,
+    epsilon: float,
+    scaling: float,
+    weights: Sequence[float] | None = None,
+    sign_election: bool = True,
+    rescale: str = "inverse_p",
+) -> tuple[Tensor, list[Tensor]]:
+    """θ0 + λ · (TIES' disjoint mean, or Σ w_k ·) of the MAGPRUNE'd τ_k, and the keep
+    masks; ``uniforms[k]`` are expert k's uniforms (``base``'s shape)."""
+    pruned, masks = [], []
+    for e, u in zip(experts, uniforms, strict=True):
+        tau = e - base
+        if density >= 1:
+            pruned.append(tau)
+            masks.append(torch.ones_like(tau, dtype=torch.bool))
+            continue
+        t, keep = magprune(tau, magprune_keep_probabilities(tau, density, epsilon), u, rescale)
+        pruned.append(t)
+        masks.append(keep)
+    combine = ties_combine if sign_election else sum_combine
+    return combine(base, pruned, scaling, weights), masks
+
+
+class DELLA(MergeMethod):
+    """Plugin for :func:`della_merge` (see the module docstring). Options: ``density`` d
+    (mean keep-probability, (0, 1]), ``epsilon`` ε (half-width of the keep-probability
+    window, d − ε > 0 and d + ε ≤ 1), ``scaling`` λ, ``weights`` (null, a list in pool
+    order or a mapping by expert), ``sign_election`` (true: ``della``, TIES' election;
+    false: ``della_linear``, a weighted sum), ``rescale`` (``inverse_p``, the paper's;
+    ``l1``, mergekit 0.1.5's; ``none``)."""
+
+    name = "della"
+
+    def __init__(
+        self,
+        density: float = 0.7,
+        epsilon: float = 0.07,
+        scaling: float = 1.1,
+        weights: Mapping[str, float] | Sequence[float] | None = None,
+        sign_election: bool = True,
+        rescale: str = "inverse_p",
+    ) -> None:
+        self.density = check_unit_interval(density, "method.density", open_low=True)
+        self.epsilon = check_finite(epsilon, "method.epsilon")
+        if self.epsilon < 0:
+            raise ValueError(f"method.epsilon must be >= 0, got {epsilon!r}")
+        if self.density < 1 and not (
+            self.density - self.epsilon > 0 and self.density + self.epsilon <= 1
+        ):
+            raise ValueError(
+                f"method.epsilon must keep density ± epsilon within (0, 1], got density "
+                f"{self.density} and epsilon {self.epsilon} (keep-probabilities "
+                f"{self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
+            )
+        self.scaling = check_finite(scaling, "method.scaling")
+        self.weights_option = check_weights_option(weights)
+        if not isinstance(sign_election, bool):
+            raise ValueError(f"method.sign_election must be true or false, got {sign_election!r}")
+        self.sign_election = sign_election
+        self.rescale = check_choice(rescale, "method.rescale", RESCALES)
+        self.weights: list[float] = []
+        self.expert_names: list[str] = []
+        self._kept: dict[str, Tensor | int] = {}
+        self._numel: dict[str, int] = {}
+
+    def setup(self, expert_names: Sequence[str], seed: int) -> None:
+        super().setup(expert_names, seed)
+        self.weights = resolve_weights(self.weights_option, self.expert_names)
+        self.weight_of = dict(zip(self.expert_names, self.weights, strict=True))
+        self._kept = dict.fromkeys(self.expert_names, 0)
+        self._numel = dict.fromkeys(self.expert_names, 0)
+
+    def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:
+        uniforms = [
+            magprune_uniforms(base.shape, mask_seed(self.seed, expert, name))
+            if self.density < 1
+            else None
+            for expert in experts
+        ]
+        merged, masks = della_merge(
+            base,
+            list(experts.values()),
+            uniforms,
+            density=self.density,
+            epsilon=self.epsilon,
+            scaling=self.scaling,
+            weights=[self.weight_of[n] for n in experts],
+            sign_election=self.sign_election,
+            rescale=self.rescale,
+        )
+        for expert, m in zip(experts, masks, strict=True):
+            self._kept[expert] = self._kept[expert] + torch.count_nonzero(m)
+            self._numel[expert] += m.numel()
+        return merged
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "weights": self.weight_of,
+            "sign_election": self.sign_election,
+            "rescale": self.rescale,
+            "kept_fraction": {
+                n: (float(self._kept[n]) / self._numel[n]) if self._numel[n] else None
+                for n in self.expert_names
+            },
+        }
