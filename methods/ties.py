@@ -3,7 +3,8 @@
 With τ_k = θ_k − θ0:
 
 1. **Trim**: keep the top-k entries of each τ_k by magnitude, k = ⌈density·n⌉ (computed
-   exactly on density's decimal value, clamped to [1, n]), zero the rest. The threshold is
+   exactly on density's decimal value, clamped to [1, n]; ``keep_count`` selects the
+   peers' ⌊d·n⌋ or ⌊d·n⌋ + 1 instead), zero the rest. The threshold is
    the k-th largest |τ_k|; every entry with |τ_k| ≥ threshold is kept, so entries tied
    with the threshold are all kept and slightly more than k entries may survive.
    ``trim_scope: global`` (the paper and its official code, default): n is the size of
@@ -13,7 +14,8 @@ With τ_k = θ_k − θ0:
    tensor's numel and the threshold comes from ``torch.kthvalue`` (a selection, no sort).
 2. **Elect sign**: γ = sign(Σ_k trimmed τ_k), elementwise and *unweighted*, as in the
    paper. (mergekit multiplies by the per-model weights before the vote; its issue #474
-   calls that a deviation from Algorithm 1. We follow the paper.) Where the sum is exactly
+   calls that a deviation from Algorithm 1. We follow the paper; ``sign_vote: weighted``
+   gives mergekit's vote.) Where the sum is exactly
    0, γ = 0 and no expert agrees, so the entry merges to 0.
 3. **Disjoint merge**: with m_k = [sign(τ̂_k) = γ and τ̂_k ≠ 0], merged =
    Σ_k w_k τ̂_k m_k / Σ_k w_k m_k — with equal weights, the mean over the agreeing
@@ -45,21 +47,33 @@ from methods.base import MergeMethod, task_vectors
 
 N_BINS = 1 << 16
 TRIM_SCOPES = ("global", "per_tensor")
+KEEP_COUNTS = ("ceil", "floor", "floor_plus_one")
+SIGN_VOTES = ("unweighted", "weighted")
 
 
 # ---------------------------------------------------------------------------- trim
 
 
-def count_to_keep(density: float, n: int) -> int:
-    """k = ⌈density·n⌉ clamped to [1, n] (0 when n == 0).
+def count_to_keep(density: float, n: int, rule: str = "ceil") -> int:
+    """How many of n entries a trim keeps, clamped to [1, n] (0 when n == 0).
 
-    Uses the exact decimal value of ``density`` (``Fraction(repr(density))``) so that,
-    e.g., 0.7 · 10 gives 7 and not 8 from float rounding.
+    ``ceil`` (default): ⌈density·n⌉ on the exact decimal value of ``density``
+    (``Fraction(repr(density))``), so 0.7 · 10 gives 7 and not 8 from float rounding.
+    The peers' conventions, on the float product as they compute it: ``floor``
+    (mergekit's ``int(d·n)``) and ``floor_plus_one`` (the official TIES code and
+    fusion-bench: ``int(d·n) + 1``).
     """
     if n <= 0:
         return 0
-    frac = Fraction(repr(float(density)))
-    k = -((-frac.numerator * n) // frac.denominator)
+    if rule == "ceil":
+        frac = Fraction(repr(float(density)))
+        k = -((-frac.numerator * n) // frac.denominator)
+    elif rule == "floor":
+        k = int(float(density) * n)
+    elif rule == "floor_plus_one":
+        k = int(float(density) * n) + 1
+    else:
+        raise ValueError(f"keep-count rule must be one of {list(KEEP_COUNTS)}, got {rule!r}")
     return min(max(k, 1), n)
 
 
@@ -72,16 +86,16 @@ def kth_largest_magnitude(t: Tensor, k: int) -> float:
     return float(torch.kthvalue(flat, n - k + 1).values.item())
 
 
-def trim_threshold_per_tensor(tau: Tensor, density: float) -> float:
-    """Per-tensor trim threshold: the ⌈density·numel⌉-th largest |τ|."""
+def trim_threshold_per_tensor(tau: Tensor, density: float, rule: str = "ceil") -> float:
+    """Per-tensor trim threshold: the k-th largest |τ|, k = ``count_to_keep`` of numel."""
     if tau.numel() == 0:
         return 0.0
-    return kth_largest_magnitude(tau, count_to_keep(density, tau.numel()))
+    return kth_largest_magnitude(tau, count_to_keep(density, tau.numel(), rule))
 
 
-def trim_mask_per_tensor(tau: Tensor, density: float) -> Tensor:
+def trim_mask_per_tensor(tau: Tensor, density: float, rule: str = "ceil") -> Tensor:
     """Boolean mask of the entries kept by a per-tensor trim (ties at the threshold kept)."""
-    return tau.abs() >= trim_threshold_per_tensor(tau, density)
+    return tau.abs() >= trim_threshold_per_tensor(tau, density, rule)
 
 
 def trim_by_threshold(tau: Tensor, threshold: float) -> Tensor:
@@ -187,11 +201,13 @@ def global_kth_largest_magnitude(tensors: Sequence[Tensor], k: int) -> float:
     return sel.value()
 
 
-def global_trim_threshold(task_vector: Sequence[Tensor], density: float) -> float:
-    """Global trim threshold of one expert: the ⌈density·n⌉-th largest |τ| over all of
-    its tensors (n = total numel); 0.0 for an empty task vector."""
+def global_trim_threshold(
+    task_vector: Sequence[Tensor], density: float, rule: str = "ceil"
+) -> float:
+    """Global trim threshold of one expert: the k-th largest |τ| over all of its tensors
+    (k = ``count_to_keep`` of the total numel); 0.0 for an empty task vector."""
     n = sum(t.numel() for t in task_vector)
-    k = count_to_keep(density, n)
+    k = count_to_keep(density, n, rule)
     return global_kth_largest_magnitude(task_vector, k) if k else 0.0
 
 
@@ -228,10 +244,16 @@ def ties_combine(
     trimmed: Sequence[Tensor],
     scaling: float = 1.0,
     weights: Sequence[float] | None = None,
+    weighted_vote: bool = False,
 ) -> Tensor:
-    """Steps 2–4 on already trimmed (or DARE-processed) task vectors: θ0 + λ · merged."""
+    """Steps 2–4 on already trimmed (or DARE-processed) task vectors: θ0 + λ · merged.
+    ``weighted_vote`` elects sign(Σ w_k τ̂_k) (mergekit's) instead of sign(Σ τ̂_k)."""
     trimmed = list(trimmed)
-    return base + scaling * disjoint_merge(trimmed, elect_sign(trimmed), weights)
+    if weighted_vote and weights is not None:
+        sign = elect_sign([float(w) * t for w, t in zip(weights, trimmed, strict=True)])
+    else:
+        sign = elect_sign(trimmed)
+    return base + scaling * disjoint_merge(trimmed, sign, weights)
 
 
 def ties_merge(
@@ -242,20 +264,23 @@ def ties_merge(
     thresholds: Sequence[float] | None = None,
     scaling: float = 1.0,
     weights: Sequence[float] | None = None,
+    keep_count: str = "ceil",
+    weighted_vote: bool = False,
 ) -> Tensor:
     """Full TIES on one tensor.
 
     With ``thresholds`` (one per expert, e.g. global thresholds) each τ_k is trimmed at
-    its threshold; otherwise it is trimmed per tensor at ``density``.
+    its threshold; otherwise it is trimmed per tensor at ``density`` (``keep_count``
+    entries: see :func:`count_to_keep`).
     """
     experts = list(experts)
     taus = [t - base for t in experts]
     if thresholds is None:
-        thresholds = [trim_threshold_per_tensor(t, density) for t in taus]
+        thresholds = [trim_threshold_per_tensor(t, density, keep_count) for t in taus]
     if len(thresholds) != len(taus):
         raise ValueError(f"got {len(thresholds)} thresholds for {len(taus)} experts")
     trimmed = [trim_by_threshold(t, th) for t, th in zip(taus, thresholds, strict=True)]
-    return ties_combine(base, trimmed, scaling, weights)
+    return ties_combine(base, trimmed, scaling, weights, weighted_vote)
 
 
 # -------------------------------------------------------------------------- plugin
@@ -266,7 +291,11 @@ class TIES(MergeMethod):
 
     Options: ``density`` (fraction kept, (0, 1], default 0.2), ``scaling`` (λ, default
     1.0), ``weights`` (per-model weights used only in the disjoint mean, not in the sign
-    vote), ``trim_scope`` (``global`` default, or ``per_tensor``).
+    vote), ``trim_scope`` (``global`` default, or ``per_tensor``), ``keep_count``
+    (``ceil`` default; ``floor`` is mergekit's count, ``floor_plus_one`` the official
+    code's and fusion-bench's), ``sign_vote`` (``unweighted``, Algorithm 1, default; or
+    ``weighted``, mergekit's). With ``trim_scope: per_tensor, keep_count: floor,
+    sign_vote: weighted`` the merge is mergekit's ``ties`` (tests/peers checks it).
 
     ``stat_passes`` is 2 for global trimming (radix select: high then low 16 bits) and 0
     for per-tensor trimming, or when density == 1 (everything is kept, threshold 0).
@@ -282,11 +311,15 @@ class TIES(MergeMethod):
         scaling: float = 1.0,
         weights: Mapping[str, float] | Sequence[float] | None = None,
         trim_scope: str = "global",
+        keep_count: str = "ceil",
+        sign_vote: str = "unweighted",
     ) -> None:
         self.density = check_unit_interval(density, "method.density", open_low=True)
         self.scaling = check_finite(scaling, "method.scaling")
         self.weights_option = check_weights_option(weights)
         self.trim_scope = check_choice(trim_scope, "method.trim_scope", TRIM_SCOPES)
+        self.keep_count = check_choice(keep_count, "method.keep_count", KEEP_COUNTS)
+        self.weighted_vote = check_choice(sign_vote, "method.sign_vote", SIGN_VOTES) == "weighted"
         self.stat_passes = 2 if self.trim_scope == "global" and self.density < 1 else 0
         self.weights: list[float] = []
         self.expert_names: list[str] = []
@@ -319,7 +352,7 @@ class TIES(MergeMethod):
     def end_pass(self, pass_idx: int) -> None:
         if pass_idx == 0:
             for sel in self._select.values():
-                sel.find_bucket(count_to_keep(self.density, sel.n))
+                sel.find_bucket(count_to_keep(self.density, sel.n, self.keep_count))
         elif pass_idx == 1:
             self.thresholds = {n: sel.value() for n, sel in self._select.items()}
             self._select = {}
@@ -327,7 +360,7 @@ class TIES(MergeMethod):
     def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:
         taus = task_vectors(base, experts)
         if self.trim_scope == "per_tensor":
-            thresholds = [trim_threshold_per_tensor(t, self.density) for t in taus]
+            thresholds = [trim_threshold_per_tensor(t, self.density, self.keep_count) for t in taus]
         else:
             if self.thresholds is None:
                 raise RuntimeError("TIES global trim: the 2 statistics passes have not run")
@@ -337,7 +370,7 @@ class TIES(MergeMethod):
             self._kept[n] = self._kept[n] + torch.count_nonzero(t)
             self._numel[n] += t.numel()
         weights = [self.weight_of[n] for n in experts]
-        return ties_combine(base, trimmed, self.scaling, weights)
+        return ties_combine(base, trimmed, self.scaling, weights, self.weighted_vote)
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {

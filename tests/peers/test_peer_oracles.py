@@ -40,6 +40,7 @@ from methods.model_stock import model_stock
 from methods.slerp import slerp
 from methods.task_arithmetic import sum_combine, task_arithmetic
 from methods.ties import (
+    TIES,
     count_to_keep,
     disjoint_merge,
     elect_sign,
@@ -213,6 +214,8 @@ def test_ties_vs_mergekit_differs_only_by_keep_count(mergekit, pool3):
             assert torch.equal(ties_combine(b, trimmed, lam), peer), name
             own = ties_merge(b, ts, density=0.2, scaling=lam)
             assert 0 < int((own != peer).sum()) <= 3, name
+            floor = ties_merge(b, ts, density=0.2, scaling=lam, keep_count="floor")
+            assert torch.equal(floor, peer), name  # the option reproduces mergekit's count
 
 
 def test_ties_vs_mergekit_weighted_sign_vote(mergekit, pool3):
@@ -235,6 +238,26 @@ def test_ties_vs_mergekit_weighted_sign_vote(mergekit, pool3):
         votes_differ = (weighted_sign != elect_sign(trimmed)) & (weighted_sign != 0)
         assert torch.equal(own[~votes_differ], peer[~votes_differ]), name
         assert (own[votes_differ] != peer[votes_differ]).all(), name
+        as_mergekit = ties_merge(b, ts, density=0.25, weights=w, weighted_vote=True)
+        assert torch.equal(as_mergekit, peer), name
+
+
+def test_ties_plugin_with_mergekit_conventions_is_mergekit(mergekit, pool3):
+    """``method=ties method.trim_scope=per_tensor method.keep_count=floor
+    method.sign_vote=weighted`` is mergekit's ``ties`` bit for bit (d = 0.2, where the
+    keep counts differ, and unequal power-of-two weights, where the votes differ)."""
+    base, experts = pool3
+    w = [0.5, 2.0, 1.0]
+    plugin = TIES(
+        density=0.2, trim_scope="per_tensor", keep_count="floor", sign_vote="weighted", weights=w
+    )
+    plugin.setup(["a", "b", "c"], seed=0)
+    assert plugin.stat_passes == 0
+    for name in names():
+        b, ts = base[name], [e[name] for e in experts]
+        merged = plugin.merge_tensor(name, b, dict(zip(["a", "b", "c"], ts, strict=True)))
+        peer = mk_merge(mergekit, "ties", [b, *ts], 0, weight=w, density=0.2, **{"lambda": 1.0})
+        assert torch.equal(merged, peer), name
 
 
 def test_ties_vs_fusion_bench_global_keep_count(fusion_bench, pool3):
@@ -278,6 +301,8 @@ def test_ties_vs_fusion_bench_global_keep_count(fusion_bench, pool3):
             rerun = mergelab_global([global_kth_largest_magnitude(t, k_fb) for t in taus])
             assert torch.equal(rerun, peer)
             assert 0 < int((own != peer).sum()) <= 3
+        as_official = [global_trim_threshold(t, d, "floor_plus_one") for t in taus]
+        assert torch.equal(mergelab_global(as_official), peer)  # keep_count=floor_plus_one
 
 
 # ------------------------------------------------------------------------------ DARE

@@ -152,7 +152,50 @@ def test_ties_merge_with_explicit_thresholds():
     assert torch.equal(out, ties_combine(BASE, [e - BASE for e in EXPERTS]))
 
 
+def test_weighted_vote_is_mergekits():
+    # weights [1, 10, 1]: the weighted vote flips entry 0 to b's sign (−3·10 outweighs
+    # 4 + 1); only b agrees there → −3; entry 3 as before: (3 + 50) / 11
+    out = ties_merge(
+        BASE, EXPERTS, density=0.5, scaling=0.5, weights=[1, 10, 1], weighted_vote=True
+    )
+    assert torch.allclose(out, BASE + 0.5 * t(-3, -4, -2, 53 / 11))
+
+
+def test_peer_keep_counts():
+    # d·n = 0.2·7 = 1.4: ⌈⌉ 2, mergekit ⌊⌋ 1, official ⌊⌋+1 2; d·n = 0.25·8 = 2: 2, 2, 3
+    assert [count_to_keep(0.2, 7, r) for r in ("ceil", "floor", "floor_plus_one")] == [2, 1, 2]
+    assert [count_to_keep(0.25, 8, r) for r in ("ceil", "floor", "floor_plus_one")] == [2, 2, 3]
+    # clamped to [1, n]; the peers' rules use the float product, as they compute it
+    assert count_to_keep(0.01, 5, "floor") == 1 and count_to_keep(1.0, 4, "floor_plus_one") == 4
+    assert count_to_keep(0.29, 100, "floor") == 28 and count_to_keep(0.29, 100) == 29
+    tau = t(5, -4, 3, -2, 1, 0.5, 0.25)
+    assert int(trim_mask_per_tensor(tau, 0.2, "floor").sum()) == 1
+    with pytest.raises(ValueError, match="keep-count rule"):
+        count_to_keep(0.5, 4, "round")
+
+
 # ------------------------------------------------------------------------ plugin
+
+
+def test_peer_convention_options_are_validated_and_change_the_merge():
+    with pytest.raises(ValueError, match="method.keep_count"):
+        TIES(keep_count="round")
+    with pytest.raises(ValueError, match="method.sign_vote"):
+        TIES(sign_vote="majority")
+    base = {"w": BASE}
+    experts = {k: {"w": e} for k, e in zip("abc", EXPERTS, strict=True)}
+    weighted = drive(
+        TIES(
+            density=0.5,
+            scaling=0.5,
+            weights=[1, 10, 1],
+            sign_vote="weighted",
+            trim_scope="per_tensor",
+        ),
+        base,
+        experts,
+    )
+    assert torch.allclose(weighted["w"], BASE + 0.5 * t(-3, -4, -2, 53 / 11))
 
 
 def test_stat_passes_per_instance():
