@@ -86,6 +86,19 @@ def fb_new(fusion_bench):
 
 
 @pytest.fixture(scope="module")
+def fb(fusion_bench) -> SimpleNamespace:
+    """fusion-bench's RegMean / RegMean++ / Fisher modules (version checked upstream)."""
+    return _import_all(
+        "fusion-bench",
+        {
+            "regmean": "fusion_bench.method.regmean.regmean",
+            "regmean_pp": "fusion_bench.method.regmean_plusplus.regmean_plusplus",
+            "fisher": "fusion_bench.method.fisher_merging.fisher_merging",
+        },
+    )
+
+
+@pytest.fixture(scope="module")
 def pool3():
     """Base and three experts."""
     return make_pool(0, 3)

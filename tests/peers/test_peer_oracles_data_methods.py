@@ -23,9 +23,6 @@ Peer conventions found (details in each test's docstring):
 
 from __future__ import annotations
 
-import importlib
-from types import SimpleNamespace
-
 import pytest
 import torch
 from _peer_pool import LLAMA_SHAPES, make_pool
@@ -58,24 +55,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fb(fusion_bench) -> SimpleNamespace:
-    """fusion-bench's RegMean / RegMean++ / Fisher modules (skips only on ImportError, like
-    the ``fusion_bench`` fixture, which also checks the version)."""
-    names = {
-        "regmean": "fusion_bench.method.regmean.regmean",
-        "regmean_pp": "fusion_bench.method.regmean_plusplus.regmean_plusplus",
-        "fisher": "fusion_bench.method.fisher_merging.fisher_merging",
-    }
-    loaded = {}
-    for alias, name in names.items():
-        try:
-            loaded[alias] = importlib.import_module(name)
-        except ImportError as e:
-            pytest.skip(f"fusion-bench is not importable ({name}: {e})")
-    return SimpleNamespace(**loaded)
 
 
 def _spd_grams(seed: int, d: int, k: int) -> list[torch.Tensor]:
