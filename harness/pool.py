@@ -92,13 +92,18 @@ class ModelPool:
     dirs: dict[str, Path] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> ModelPool:
-        """Build from the ``model`` config group (see conf/model/*.yaml)."""
+    def from_config(cls, cfg: Mapping[str, Any], require_experts: bool = True) -> ModelPool:
+        """Build from the ``model`` config group (see conf/model/*.yaml). A pool without
+        experts is accepted only with ``require_experts=False`` (for a method that trains
+        its own members from the base, ``MergeMethod.uses_experts``)."""
         if not cfg.get("base") or not cfg["base"].get("path"):
             raise PoolError("model.base.path is required (a local HF checkpoint dir or a hub id)")
         experts_cfg = cfg.get("experts") or {}
-        if not experts_cfg:
-            raise PoolError("model.experts is empty: a pool needs at least one expert to merge")
+        if not experts_cfg and require_experts:
+            raise PoolError(
+                "model.experts is empty: this method merges experts, so the pool needs at "
+                "least one (model.experts.<name>.path=DIR or .adapter=PEFT_DIR)"
+            )
         experts = []
         for name, e in experts_cfg.items():
             e = dict(e or {})

@@ -30,7 +30,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +60,22 @@ def split_metric_key(key: str) -> tuple[str, str]:
     :func:`evals.lm_eval.metric_key`)."""
     name, sep, filter_name = key.partition("/")
     return (name, filter_name) if sep else (name, "none")
+
+
+def method_params(method_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's options as flat table parameters: a nested piece (a mapping with a
+    ``_target_``, as ``method=task_vector``'s ``transform``) becomes ``transform: <class>``
+    plus ``transform.<option>`` entries."""
+    out: dict[str, Any] = {}
+    for k, v in method_cfg.items():
+        if k == "_target_":
+            continue
+        if isinstance(v, Mapping) and "_target_" in v:
+            out[k] = str(v["_target_"]).rsplit(".", 1)[-1]
+            out.update({f"{k}.{sk}": sv for sk, sv in method_params(v).items()})
+        else:
+            out[k] = v
+    return out
 
 
 def cell_id(cfg: dict[str, Any]) -> str:

@@ -88,7 +88,7 @@ def _run_cell(
             list(task_cfg["tasks"]), resolve_include_path(task_cfg.get("include_path"))
         )
         method: MergeMethod = instantiate(cfg.method)
-        pool = ModelPool.from_config(c["model"]).open()
+        pool = ModelPool.from_config(c["model"], require_experts=method.uses_experts).open()
         pool.check_compatible()
     torch.manual_seed(c["seed"])
 
@@ -102,7 +102,7 @@ def _run_cell(
         "config": c,
         "method": {
             "name": method.name,
-            "params": {k: v for k, v in c["method"].items() if k != "_target_"},
+            "params": records.method_params(c["method"]),
         },
         "pool": pool.describe(),
         "seed": c["seed"],
@@ -410,7 +410,7 @@ def _fit_context(
 
 def _describe(c: dict[str, Any], cid: str, finished: bool) -> None:
     """The dry-run line: what this cell would do, and whether it is already done."""
-    params = {k: v for k, v in c["method"].items() if k != "_target_"}
+    params = records.method_params(c["method"])
     experts = ", ".join(c["model"].get("experts") or {})
     print(
         f"[mergelab] dry-run {cid} [{'finished' if finished else 'to run'}] "

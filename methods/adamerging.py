@@ -63,17 +63,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from core.combine import agreeing_entries
 from core.lm import encode_prompts, last_token_entropy, pad_id_of, right_pad
 from core.options import check_choice, check_finite, check_int, check_unit_interval
-from methods.base import FitContext, MergeMethod, task_vectors
-from methods.ties import (
-    TIES,
+from core.pieces import MagnitudeTrim
+from core.trim import (
     TRIM_SCOPES,
-    elect_sign,
     global_trim_threshold,
     trim_by_threshold,
     trim_threshold_per_tensor,
 )
+from methods.base import FitContext, MergeMethod, task_vectors
 
 GRANULARITIES = ("task", "layer")
 FIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,11 +114,9 @@ def merged_parameters(
 def disjoint_task_vectors(taus: Sequence[Tensor], thresholds: Sequence[float]) -> list[Tensor]:
     """AdaMerging++ vectors of one tensor: τ̂_k ⊙ m_k with τ̂_k = trim(τ_k, threshold_k),
     γ = sign(Σ τ̂_k) and m_k = [sign(τ̂_k) = γ and τ̂_k ≠ 0] (TIES' disjoint masks)."""
-    trimmed = [trim_by_threshold(t, th) for t, th in zip(taus, thresholds, strict=True)]
-    sign = elect_sign(trimmed)
-    return [
-        torch.where((torch.sign(t) == sign) & (t != 0), t, torch.zeros_like(t)) for t in trimmed
-    ]
+    return agreeing_entries(
+        [trim_by_threshold(t, th) for t, th in zip(taus, thresholds, strict=True)]
+    )
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -194,11 +192,11 @@ class AdaMerging(MergeMethod):
         self.coefficients_path = None if coefficients_path is None else str(coefficients_path)
         self._global_trim = self.pp and self.trim_scope == "global" and self.density < 1
         self._loaded: dict[str, Any] | None = None
-        self._ties: TIES | None = None
+        self._trim: MagnitudeTrim | None = None
         if self.coefficients_path is not None:
             self._loaded = self._check_loaded(load_report(self.coefficients_path))
             self.needs_data = False  # nothing to learn: the runner need not build a context
-            if self._global_trim:  # thresholds for the ++ masks come from TIES' passes
+            if self._global_trim:  # thresholds for the ++ masks: the trim piece's passes
                 self.stat_passes = 2
         self.expert_names: list[str] = []
         self._coef: Tensor | None = None  # clamped, [K] or [n_tensors, K]
@@ -236,10 +234,10 @@ class AdaMerging(MergeMethod):
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
         super().setup(expert_names, seed)
-        self._coef, self._row, self.thresholds, self._ties = None, {}, None, None
+        self._coef, self._row, self.thresholds, self._trim = None, {}, None, None
         if self._global_trim and self._loaded is not None:
-            self._ties = TIES(density=self.density, trim_scope="global")
-            self._ties.setup(self.expert_names, seed)
+            self._trim = MagnitudeTrim(self.density, "global")
+            self._trim.setup(self.expert_names, seed)
         if self._loaded is None:
             return
         coefs = self._loaded["coefficients"]
@@ -253,15 +251,17 @@ class AdaMerging(MergeMethod):
     def observe(
         self, pass_idx: int, name: str, base: Tensor, experts: Mapping[str, Tensor]
     ) -> None:
-        if self._ties is None:
+        if self._trim is None:
             raise ValueError("AdaMerging declares no statistics passes here")
-        self._ties.observe(pass_idx, name, base, experts)
+        self._trim.observe(
+            pass_idx, name, dict(zip(experts, task_vectors(base, experts), strict=True))
+        )
 
     def end_pass(self, pass_idx: int) -> None:
-        if self._ties is not None:
-            self._ties.end_pass(pass_idx)
-            if pass_idx == self._ties.stat_passes - 1:
-                self.thresholds = dict(self._ties.thresholds or {})
+        if self._trim is not None:
+            self._trim.end_pass(pass_idx)
+            if pass_idx == self._trim.stat_passes - 1:
+                self.thresholds = dict(self._trim.thresholds or {})
 
     # ------------------------------------------------------------------ fit
 

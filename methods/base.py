@@ -96,6 +96,10 @@ class MergeMethod(ABC):
     stat_passes: ClassVar[int] = 0
     needs_data: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = True  # read the tasks' unlabelled prompts in fit
+    # False for a training workflow that builds its own members from the base (BoRA,
+    # Merge to Learn): the pool may then have no experts, and ``report()["members"]``
+    # names what it trained as directories a later pool can list as experts.
+    uses_experts: ClassVar[bool] = True
     # What the runner may cache of a fit (harness/fit_cache.py): the attributes ``fit``
     # sets and the merge reads, and the options only the merge reads. Empty: never cached.
     fit_state_keys: ClassVar[tuple[str, ...]] = ()

@@ -96,13 +96,21 @@ same recipe at once). An interrupted training resumes from its last checkpoint w
 
 The emitted model is θ0 + s·B_d A_d for the chosen ``task`` (every other tensor is the
 base's): :func:`lora_merge`, a pure function, in ``merge_tensor``.
+
+Pool members: BoRA trains from the base alone (``uses_experts = False``: the pool may
+have no experts, and experts it has are not read). Every trained adapter is also written
+into the training's cache entry as a PEFT LoRA directory (``members/<task>``, listed in
+``report()["members"]``), so the D task models are pool members for any later merge:
+``model.experts.<task>.adapter=<dir>``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -540,6 +548,55 @@ def load_fit(out: str | os.PathLike, meta: Mapping[str, Any]) -> BoraFit:
     return BoraFit(adapters, theta_global, dict(meta))
 
 
+MEMBERS_DIR = "members"
+
+
+def write_members(
+    fit: BoraFit, out: str | os.PathLike, r: int, alpha: float, base: str | None = None
+) -> dict[str, str]:
+    """Each trained adapter as a PEFT LoRA directory ``<out>/members/<owner>``
+    (``adapter_config.json`` + ``adapter_model.safetensors``, keys
+    ``base_model.model.<module>.lora_A.weight``), so that a pool can list it as an expert
+    (``model.experts.<name>.adapter=<dir>``); the pool's LoRA source then gives the weights
+    this method emits for that task, bit for bit. Written once, atomically (a temporary
+    directory renamed into place); an existing directory is kept. Returns {owner: dir}."""
+    from safetensors.torch import save_file
+
+    root = Path(out) / MEMBERS_DIR
+    paths = {}
+    for owner, adapter in fit.adapters.items():
+        final = root / owner
+        paths[owner] = str(final)
+        if (final / "adapter_model.safetensors").is_file():
+            continue
+        tmp = root / f".{owner}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        modules = list(fit.meta["modules"])
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        }
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        tensors = {
+            f"base_model.model.{m}.lora_{x}.weight": adapter[f"{m}.lora_{x}"].contiguous()
+            for m in modules
+            for x in ("A", "B")
+        }
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process wrote it first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
 def cached_fit(
     cache_dir: str | os.PathLike | None,
     recipe: Mapping[str, Any],
@@ -622,12 +679,14 @@ class BoRA(MergeMethod):
     ``report()``: ``tau``, ``task``, per task ``n_train``, ``distance`` (‖θ_d − Θ‖),
     ``loss_first`` / ``loss_final`` (mean token NLL, last 10% of steps), the final
     ``penalty``, cost (``steps``, ``tokens``, ``seconds``), ``n_lora_params``, the target
-    modules and ``cache`` (hit, directory).
+    modules, ``cache`` (hit, directory) and ``members`` (task → the trained adapter as a
+    PEFT directory, :func:`write_members`: a pool member for later merges).
     """
 
     name = "bora"
     needs_data = True
     needs_calibration = False  # trains on its own data specs, scored on any tasks
+    uses_experts = False  # trains its adapters from the base; the pool may have no experts
 
     def __init__(
         self,
@@ -679,6 +738,7 @@ class BoRA(MergeMethod):
         self._fit: BoraFit | None = None
         self._targets: dict[str, tuple[Tensor, Tensor]] = {}
         self._cache: dict[str, Any] = {}
+        self._members: dict[str, str] = {}
 
     @property
     def scaling(self) -> float:
@@ -747,6 +807,7 @@ class BoRA(MergeMethod):
         fit, hit, where = cached_fit(ctx.cache_dir, recipe, train)
         self.use_fit(fit)
         self._cache = {"hit": hit, "dir": where}
+        self._members = {} if where is None else write_members(fit, where, self.r, self.alpha)
 
     def use_fit(self, fit: BoraFit) -> None:
         """Emit ``self.task``'s adapter (the shared one for ``tau: shared``) from ``fit``."""
@@ -793,4 +854,5 @@ class BoRA(MergeMethod):
             "alpha": self.alpha,
             "target_modules": m["modules"],
             "cache": self._cache,
+            "members": self._members,
         }

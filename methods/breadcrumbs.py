@@ -12,6 +12,9 @@ Choices the paper leaves open, decided here:
 - No rescaling of the survivors (the paper and mergekit rescale nothing).
 - Defaults: density 0.9 and γ 0.01 (mergekit's γ; the paper sweeps both), λ = 0.3 for
   the sum as task arithmetic's default, λ = 1 with sign election as TIES'.
+
+The mask is the transform piece :class:`BreadcrumbsMask`
+(``method=task_vector method/transform=breadcrumbs`` composes it with any combine).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.options import check_finite, check_unit_interval, check_weights_option, resolve_weights
-from methods.base import MergeMethod
-from methods.task_arithmetic import sum_combine
-from methods.ties import ties_combine
+from core.combine import sum_combine, ties_combine
+from core.options import check_unit_interval
+from core.pieces import DisjointMean, Fixed, Sum, Transform
+from methods.task_vector import TaskVectorMerge
 
 
 def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
@@ -61,7 +64,18 @@ def breadcrumbs_merge(
     return combine(base, masked, scaling, weights)
 
 
-class Breadcrumbs(MergeMethod):
+class BreadcrumbsMask(Transform):
+    """The transform piece: v_k = m_k ⊙ τ_k with :func:`breadcrumbs_mask` per tensor."""
+
+    def __init__(self, density: float = 0.9, gamma: float = 0.01) -> None:
+        self.density = check_unit_interval(density, "method.density", open_low=True)
+        self.gamma = check_unit_interval(gamma, "method.gamma", open_high=True)
+
+    def apply(self, name: str, taus: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {e: t * breadcrumbs_mask(t, self.density, self.gamma) for e, t in taus.items()}
+
+
+class Breadcrumbs(TaskVectorMerge):
     """Plugin for :func:`breadcrumbs_merge`. Options: ``density`` (kept fraction, (0, 1]),
     ``gamma`` (largest fraction dropped, [0, 1)), ``scaling`` λ, ``weights`` (null, list
     or mapping by expert), ``sign_election`` (false: sum; true: TIES' election)."""
@@ -76,29 +90,11 @@ class Breadcrumbs(MergeMethod):
         weights: Mapping[str, float] | Sequence[float] | None = None,
         sign_election: bool = False,
     ) -> None:
-        self.density = check_unit_interval(density, "method.density", open_low=True)
-        self.gamma = check_unit_interval(gamma, "method.gamma", open_high=True)
-        self.scaling = check_finite(scaling, "method.scaling")
-        self.weights_option = check_weights_option(weights)
         if not isinstance(sign_election, bool):
             raise ValueError(f"method.sign_election must be true or false, got {sign_election!r}")
         self.sign_election = sign_election
-
-    def setup(self, expert_names: Sequence[str], seed: int) -> None:
-        super().setup(expert_names, seed)
-        self.weights = resolve_weights(self.weights_option, self.expert_names)
-        self.weight_of = dict(zip(self.expert_names, self.weights, strict=True))
-
-    def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:
-        return breadcrumbs_merge(
-            base,
-            list(experts.values()),
-            density=self.density,
-            gamma=self.gamma,
-            scaling=self.scaling,
-            weights=[self.weight_of[n] for n in experts],
-            sign_election=self.sign_election,
-        )
+        combine = DisjointMean() if sign_election else Sum()
+        super().__init__(BreadcrumbsMask(density, gamma), combine, Fixed(scaling, weights))
 
     def report(self) -> dict[str, Any]:
-        return {"weights": self.weight_of, "sign_election": self.sign_election}
+        return {**super().report(), "sign_election": self.sign_election}

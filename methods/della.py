@@ -15,14 +15,14 @@ Survivors are rescaled by 1/p_i (``rescale: inverse_p``), so E[τ̃_i] = τ_i. W
 this is DARE with drop rate 1 − d on the same seeded uniforms (bit for bit where 1 − d is
 a float32 number, e.g. d = 0.5: DARE compares in float32, this module in float64).
 
-**Elect + fuse**: ``della`` hands the τ̃_k to :func:`methods.ties.ties_combine`
+**Elect + fuse**: ``della`` hands the τ̃_k to :func:`core.combine.ties_combine`
 (γ = sign(Σ_k τ̃_k) unweighted, mean of the agreeing entries weighted by ``weights``,
-θ0 + λ·merged); ``della_linear`` to :func:`methods.task_arithmetic.sum_combine`
+θ0 + λ·merged); ``della_linear`` to :func:`core.combine.sum_combine`
 (θ0 + λ Σ_k w_k τ̃_k).
 
 Reproducible masks: entry i is kept iff u_i ≥ 1 − p_i, with the uniforms u drawn for the
 whole tensor shape on CPU from a ``torch.Generator`` seeded by
-:func:`methods.dare.mask_seed` (run seed, expert, tensor name), exactly as DARE draws
+:func:`core.dropout.mask_seed` (run seed, expert, tensor name), exactly as DARE draws
 them, then moved to the tensor's device. Masks never depend on order, device or the
 global RNG. The comparison is in float64 (p is computed in float64).
 
@@ -59,6 +59,9 @@ mergekit 0.1.5 (``mergekit/sparsify.py`` ``della_magprune``, registered in
   :mod:`methods.ties`). ``della`` divides by Σ w_k over the agreeing experts
   (``normalize: true``, as here); ``della_linear`` does not divide (as here).
 - Defaults: density 1.0 (no pruning), ε 0.15, λ 1.0.
+
+The drop is the transform piece :class:`Magprune` (``method/transform=magprune`` composes
+it with any combine and coefficients).
 """
 
 from __future__ import annotations
@@ -69,20 +72,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.options import (
-    check_choice,
-    check_finite,
-    check_unit_interval,
-    check_weights_option,
-    resolve_weights,
-)
-from methods.base import MergeMethod
-from methods.dare import mask_seed
-from methods.task_arithmetic import sum_combine
-from methods.ties import ties_combine
+from core.combine import sum_combine, ties_combine
+from core.dropout import l1_rescale, mask_seed, seeded_uniforms
+from core.options import check_choice, check_finite, check_unit_interval
+from core.pieces import CountingTransform, DisjointMean, Fixed, Sum
+from methods.task_vector import TaskVectorMerge
 
 RESCALES = ("inverse_p", "l1", "none")
-L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -110,9 +106,8 @@ def magprune_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> 
 
 def magprune_uniforms(shape: Sequence[int] | torch.Size, generator_seed: int) -> Tensor:
     """The uniforms of one (expert, tensor): ``torch.rand`` on CPU from a private generator
-    (the same draws as :func:`methods.dare.dare_keep_mask` makes)."""
-    g = torch.Generator(device="cpu").manual_seed(generator_seed)
-    return torch.rand(tuple(shape), generator=g)
+    (the same draws as :func:`core.dropout.dare_keep_mask` makes)."""
+    return seeded_uniforms(shape, generator_seed)
 
 
 def magprune(
@@ -127,11 +122,7 @@ def magprune(
     if rescale == "inverse_p":
         return torch.where(keep, tau / keep_prob.to(tau.dtype), zero), keep
     masked = torch.where(keep, tau, zero)
-    if rescale == "l1":
-        before, after = tau.abs().sum(), masked.abs().sum()
-        if before >= L1_EPS and after >= L1_EPS:
-            masked = masked * (before / after)
-    return masked, keep
+    return (l1_rescale(tau, masked) if rescale == "l1" else masked), keep
 
 
 def della_merge(
@@ -162,7 +153,34 @@ def della_merge(
     return combine(base, pruned, scaling, weights), masks
 
 
-class DELLA(MergeMethod):
+class Magprune(CountingTransform):
+    """The transform piece: MAGPRUNE each τ_k (uniforms seeded per run seed, expert and
+    tensor); density 1 keeps τ as it is. ``report()``: the masks' ``kept_fraction``."""
+
+    def __init__(self, density: float = 0.7, epsilon: float = 0.07, rescale: str = "inverse_p"):
+        self.density = check_unit_interval(density, "method.density", open_low=True)
+        self.epsilon = check_finite(epsilon, "method.epsilon")
+        if self.epsilon < 0:
+            raise ValueError(f"method.epsilon must be >= 0, got {epsilon!r}")
+        if self.density < 1 and not (
+            self.density - self.epsilon > 0 and self.density + self.epsilon <= 1
+        ):
+            raise ValueError(
+                f"method.epsilon must keep density ± epsilon within (0, 1], got density "
+                f"{self.density} and epsilon {self.epsilon} (keep-probabilities "
+                f"{self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
+            )
+        self.rescale = check_choice(rescale, "method.rescale", RESCALES)
+
+    def one(self, name: str, expert: str, tau: Tensor) -> tuple[Tensor, Tensor]:
+        if self.density >= 1:
+            return tau, torch.ones_like(tau, dtype=torch.bool)
+        u = magprune_uniforms(tau.shape, mask_seed(self.seed, expert, name))
+        probs = magprune_keep_probabilities(tau, self.density, self.epsilon)
+        return magprune(tau, probs, u, self.rescale)
+
+
+class DELLA(TaskVectorMerge):
     """Plugin for :func:`della_merge` (see the module docstring). Options: ``density`` d
     (mean keep-probability, (0, 1]), ``epsilon`` ε (half-width of the keep-probability
     window, d − ε > 0 and d + ε ≤ 1), ``scaling`` λ, ``weights`` (null, a list in pool
@@ -181,66 +199,16 @@ class DELLA(MergeMethod):
         sign_election: bool = True,
         rescale: str = "inverse_p",
     ) -> None:
-        self.density = check_unit_interval(density, "method.density", open_low=True)
-        self.epsilon = check_finite(epsilon, "method.epsilon")
-        if self.epsilon < 0:
-            raise ValueError(f"method.epsilon must be >= 0, got {epsilon!r}")
-        if self.density < 1 and not (
-            self.density - self.epsilon > 0 and self.density + self.epsilon <= 1
-        ):
-            raise ValueError(
-                f"method.epsilon must keep density ± epsilon within (0, 1], got density "
-                f"{self.density} and epsilon {self.epsilon} (keep-probabilities "
-                f"{self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
-            )
-        self.scaling = check_finite(scaling, "method.scaling")
-        self.weights_option = check_weights_option(weights)
         if not isinstance(sign_election, bool):
             raise ValueError(f"method.sign_election must be true or false, got {sign_election!r}")
         self.sign_election = sign_election
-        self.rescale = check_choice(rescale, "method.rescale", RESCALES)
-        self.weights: list[float] = []
-        self.expert_names: list[str] = []
-        self._kept: dict[str, Tensor | int] = {}
-        self._numel: dict[str, int] = {}
-
-    def setup(self, expert_names: Sequence[str], seed: int) -> None:
-        super().setup(expert_names, seed)
-        self.weights = resolve_weights(self.weights_option, self.expert_names)
-        self.weight_of = dict(zip(self.expert_names, self.weights, strict=True))
-        self._kept = dict.fromkeys(self.expert_names, 0)
-        self._numel = dict.fromkeys(self.expert_names, 0)
-
-    def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:
-        uniforms = [
-            magprune_uniforms(base.shape, mask_seed(self.seed, expert, name))
-            if self.density < 1
-            else None
-            for expert in experts
-        ]
-        merged, masks = della_merge(
-            base,
-            list(experts.values()),
-            uniforms,
-            density=self.density,
-            epsilon=self.epsilon,
-            scaling=self.scaling,
-            weights=[self.weight_of[n] for n in experts],
-            sign_election=self.sign_election,
-            rescale=self.rescale,
-        )
-        for expert, m in zip(experts, masks, strict=True):
-            self._kept[expert] = self._kept[expert] + torch.count_nonzero(m)
-            self._numel[expert] += m.numel()
-        return merged
+        combine = DisjointMean() if sign_election else Sum()
+        super().__init__(Magprune(density, epsilon, rescale), combine, Fixed(scaling, weights))
 
     def report(self) -> dict[str, Any]:
         return {
-            "weights": self.weight_of,
+            **self.coefficients.report(),
             "sign_election": self.sign_election,
-            "rescale": self.rescale,
-            "kept_fraction": {
-                n: (float(self._kept[n]) / self._numel[n]) if self._numel[n] else None
-                for n in self.expert_names
-            },
+            "rescale": self.transform.rescale,
+            **self.transform.report(),
         }

@@ -65,6 +65,12 @@ from their safetensors) with ``base`` = θpre. The trained models must hold ever
 tensor of the pool (they do when the pool's base is their architecture); trained tensors
 the pool does not merge (``model.exclude``) stay θpre's, and ``fit`` warns naming them,
 so keep ``exclude: []`` for this method.
+
+Pool members: the pool needs no experts (``uses_experts = False``; ``general_from`` names
+one when θG is given). Every trained model is a full HF checkpoint (weights, config,
+tokenizer) in its cache entry, listed in ``report()["members"]`` (component → directory),
+so θG, θDk, θCFT and θRT are pool members for any later merge:
+``model.experts.<name>.path=<dir>``.
 """
 
 from __future__ import annotations
@@ -202,6 +208,7 @@ class MergeToLearn(MergeMethod):
     name = "merge_to_learn"
     needs_data = True
     needs_calibration = False  # trains on its own data specs, scored on any tasks
+    uses_experts = False  # trains from the base; only ``general_from`` names an expert
 
     def __init__(
         self,
@@ -381,6 +388,7 @@ class MergeToLearn(MergeMethod):
             "components": {
                 k: {m: v for m, v in c.items() if m != "losses"} for k, c in comps.items()
             },
+            "members": {k: c["path"] for k, c in comps.items() if c.get("path")},
             "cost": {**cost, "components": attributable},
             "general_cost": (
                 {m: comps["general"][m] for m in ("steps", "tokens", "examples", "seconds")}

@@ -31,11 +31,15 @@ norms (the quantity the bound is about), never from the trimmed / dropped ones:
 - ``dare``: DARE drop-and-rescale of each τ_k (``drop_rate`` p, masks seeded from (run
   seed, expert, tensor) exactly as :mod:`methods.dare`), then θ0 + Σ λ_k τ̃_k.
 
-Statistics passes: pass 0 accumulates the squared norms. For ``ties`` with global trimming
-(and density < 1) TIES' two radix-select passes are needed too; the first of them (the
-high-16-bit histogram) reads the same tensors as the norm pass, so it runs *in* pass 0
-and the low-bit pass is pass 1: 2 passes in all rather than 3 (one fewer read of every
-checkpoint). The thresholds are identical to :class:`methods.ties.TIES`'s.
+The plugin is a :class:`methods.task_vector.TaskVectorMerge` of the shared pieces
+(:class:`core.pieces.Identity` / ``MagnitudeTrim`` / ``RandomDrop``, ``Sum`` /
+``DisjointMean``) with :class:`MetaGPTCoefficients`, which any composition may use
+(``method=task_vector method/coefficients=metagpt``).
+
+Statistics passes: the coefficients' one pass accumulates the squared norms. For ``ties``
+with global trimming (and density < 1) TIES' two radix-select passes are needed too; the
+pieces' passes run side by side, so the norms share the trim's first read: 2 passes in
+all rather than 3. The thresholds are identical to :class:`methods.ties.TIES`'s.
 
 Defaults ``density = 0.55`` / ``drop_rate = 0.45`` are the paper's setting (its TIES and
 DARE baselines use density 0.55).
@@ -49,17 +53,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.options import check_choice, check_unit_interval
-from methods.base import MergeMethod, task_vectors
-from methods.dare import dare_keep_mask, dare_linear_merge, mask_seed
-from methods.ties import (
-    TRIM_SCOPES,
-    RadixSelect,
-    count_to_keep,
-    ties_combine,
-    trim_by_threshold,
-    trim_threshold_per_tensor,
+from core.options import check_choice
+from core.pieces import (
+    Coefficients,
+    DisjointMean,
+    Identity,
+    MagnitudeTrim,
+    RandomDrop,
+    Sum,
+    Transform,
 )
+from methods.task_vector import TaskVectorMerge
 
 BASE_METHODS = ("none", "ties", "dare")
 
@@ -106,7 +110,40 @@ def metagpt_merge(base: Tensor, experts: Sequence[Tensor], lambdas: Sequence[flo
     return base + acc
 
 
-class MetaGPT(MergeMethod):
+class MetaGPTCoefficients(Coefficients):
+    """MetaGPT's λ_k = n_k / Σ_j n_j as a coefficients piece (λ = 1): one statistics pass
+    accumulates each expert's ‖τ_k‖² over every mergeable tensor in float64, from the raw
+    task vectors. ``report()``: ``coefficients`` and ``sq_norms`` by expert."""
+
+    stat_passes = 1
+
+    def setup(self, expert_names: Sequence[str], seed: int) -> None:
+        super().setup(expert_names, seed)
+        self._sq: dict[str, Tensor] = {}
+        self.sq_norms: dict[str, float] | None = None
+        self.coefficients: dict[str, float] | None = None
+
+    def observe(self, pass_idx: int, name: str, taus: Mapping[str, Tensor]) -> None:
+        for expert, tau in taus.items():
+            sq = tau.double().square().sum()
+            self._sq[expert] = sq if expert not in self._sq else self._sq[expert] + sq
+
+    def end_pass(self, pass_idx: int) -> None:
+        self.sq_norms = {n: float(self._sq.get(n, 0.0)) for n in self.expert_names}
+        lambdas = metagpt_coefficients(list(self.sq_norms.values()))
+        self.coefficients = dict(zip(self.expert_names, lambdas, strict=True))
+        self._sq = {}
+
+    def weights(self, name: str, experts: Sequence[str]) -> list[float]:
+        if self.coefficients is None:
+            raise RuntimeError("MetaGPT: the norm statistics pass has not run")
+        return [self.coefficients[n] for n in experts]
+
+    def report(self) -> dict[str, Any]:
+        return {"coefficients": self.coefficients, "sq_norms": self.sq_norms}
+
+
+class MetaGPT(TaskVectorMerge):
     """MetaGPT plugin (see the module docstring for the math and the variants).
 
     Options: ``base_method`` (``none`` default, ``ties``, ``dare``); ``density`` (TIES
@@ -129,94 +166,20 @@ class MetaGPT(MergeMethod):
     ) -> None:
         base_method = "none" if base_method is None else base_method  # YAML null
         self.base_method = check_choice(base_method, "method.base_method", BASE_METHODS)
-        self.density = check_unit_interval(density, "method.density", open_low=True)
-        self.trim_scope = check_choice(trim_scope, "method.trim_scope", TRIM_SCOPES)
-        self.drop_rate = check_unit_interval(drop_rate, "method.drop_rate", open_high=True)
-        self._global_trim = (
-            self.base_method == "ties" and self.trim_scope == "global" and self.density < 1
-        )
-        self.stat_passes = 2 if self._global_trim else 1
-        self.expert_names: list[str] = []
-        self._sq: dict[str, Tensor] = {}
-        self._select: dict[str, RadixSelect] = {}
-        self.sq_norms: dict[str, float] | None = None
-        self.coefficients: dict[str, float] | None = None
-        self.thresholds: dict[str, float] | None = None
-
-    def setup(self, expert_names: Sequence[str], seed: int) -> None:
-        super().setup(expert_names, seed)
-        self._sq = {}
-        self._select = {n: RadixSelect() for n in self.expert_names} if self._global_trim else {}
-        self.sq_norms = self.coefficients = self.thresholds = None
-        if self.base_method == "ties" and self.trim_scope == "global" and not self._global_trim:
-            self.thresholds = dict.fromkeys(self.expert_names, 0.0)  # density 1: keep all
-
-    def observe(
-        self, pass_idx: int, name: str, base: Tensor, experts: Mapping[str, Tensor]
-    ) -> None:
-        if pass_idx not in range(self.stat_passes):
-            raise ValueError(
-                f"MetaGPT has {self.stat_passes} statistics passes, got pass {pass_idx}"
-            )
-        for expert, t in experts.items():
-            tau = t - base
-            if pass_idx == 0:
-                sq = tau.double().square().sum()
-                self._sq[expert] = sq if expert not in self._sq else self._sq[expert] + sq
-                if self._global_trim:
-                    self._select[expert].add_high(tau)
-            else:
-                self._select[expert].add_low(tau)
-
-    def end_pass(self, pass_idx: int) -> None:
-        if pass_idx == 0:
-            self.sq_norms = {n: float(self._sq.get(n, 0.0)) for n in self.expert_names}
-            lambdas = metagpt_coefficients(list(self.sq_norms.values()))
-            self.coefficients = dict(zip(self.expert_names, lambdas, strict=True))
-            self._sq = {}
-            for sel in self._select.values():
-                sel.find_bucket(count_to_keep(self.density, sel.n))
-        elif pass_idx == 1:
-            self.thresholds = {n: sel.value() for n, sel in self._select.items()}
-            self._select = {}
-
-    def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:
-        if self.coefficients is None:
-            raise RuntimeError("MetaGPT: the norm statistics pass has not run")
-        lambdas = [self.coefficients[n] for n in experts]
-        if self.base_method == "none":
-            return metagpt_merge(base, list(experts.values()), lambdas)
-        if self.base_method == "dare":
-            masks = [
-                dare_keep_mask(
-                    base.shape, self.drop_rate, mask_seed(self.seed, e, name), base.device
-                )
-                for e in experts
-            ]
-            return dare_linear_merge(
-                base, list(experts.values()), masks, self.drop_rate, 1.0, lambdas
-            )
-        taus = task_vectors(base, experts)
-        if self.trim_scope == "per_tensor":
-            thresholds = [trim_threshold_per_tensor(t, self.density) for t in taus]
-        else:
-            if self.thresholds is None:
-                raise RuntimeError("MetaGPT + TIES: the trim statistics passes have not run")
-            thresholds = [self.thresholds[n] for n in experts]
-        trimmed = [trim_by_threshold(t, th) for t, th in zip(taus, thresholds, strict=True)]
-        return ties_combine(base, trimmed, 1.0, lambdas)
+        trim = MagnitudeTrim(density, trim_scope)  # validated whichever variant runs
+        drop = RandomDrop(drop_rate)
+        transform: Transform = {"none": Identity(), "ties": trim, "dare": drop}[base_method]
+        combine = DisjointMean() if base_method == "ties" else Sum()
+        super().__init__(transform, combine, MetaGPTCoefficients())
+        self.density, self.trim_scope, self.drop_rate = density, trim_scope, drop_rate
 
     def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "base_method": self.base_method,
-            "coefficients": self.coefficients,
-            "sq_norms": self.sq_norms,
-        }
+        out: dict[str, Any] = {"base_method": self.base_method, **self.coefficients.report()}
         if self.base_method == "ties":
             out["density"] = self.density
             out["trim_scope"] = self.trim_scope
-            if self.thresholds is not None:
-                out["thresholds"] = {n: float(v) for n, v in self.thresholds.items()}
+            out.update(self.transform.report())
         if self.base_method == "dare":
             out["drop_rate"] = self.drop_rate
+            out.update(self.transform.report())
         return out

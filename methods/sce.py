@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.combine import disjoint_merge
 from core.options import check_choice, check_finite, check_unit_interval
 from methods.base import MergeMethod
-from methods.ties import disjoint_merge
 
 SELECT_SCOPES = ("task_vectors", "weights_only")
 

@@ -61,10 +61,11 @@ from core.calibration import expert_prompts
 from core.layers import group_tensors, layer_group
 from core.lm import encode_prompts, pad_id_of, right_pad
 from core.options import check_choice, check_finite, check_int, check_unit_interval
+from core.trim import TRIM_SCOPES
 from methods.base import FitContext, MergeMethod
 from methods.dare import DARELinear, DARETies
 from methods.task_arithmetic import TaskArithmetic
-from methods.ties import TIES, TRIM_SCOPES
+from methods.ties import TIES
 
 BASE_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 ALIGNMENTS = ("kl", "l2", "cosine")

@@ -316,8 +316,9 @@ def _jsonl(path: Path, texts: list[str]) -> str:
 
 
 def test_training_workflows_run_from_the_cli(tiny_pool, tmp_path):
-    """BoRA and Merge to Learn train on their own data specs: they run on tasks without a
-    calibration split (the configured split does not exist here and is never read)."""
+    """BoRA and Merge to Learn train on their own data specs, from a pool with no experts,
+    on tasks without a calibration split (the configured split does not exist here and is
+    never read). What they trained is then a pool of experts for an ordinary merge."""
     add = _jsonl(tmp_path / "add.jsonl", [f"{a}+{b}={a + b}" for a in range(6) for b in range(4)])
     color = _jsonl(tmp_path / "color.jsonl", ["sky is blue", "grass is green"] * 6)
     no_calibration = "task.calibration={split: validation, n: 8}"
@@ -341,13 +342,23 @@ def test_training_workflows_run_from_the_cli(tiny_pool, tmp_path):
         "method.progress=false",
     ]
     for args in (bora, m2l):
-        mergelab(tiny_pool["conf"], runs, *args, no_calibration)
+        mergelab(tiny_pool["conf"], runs, *args, no_calibration, "~model.experts")
     by_method = results(runs)
     assert set(by_method) == {"bora", "merge_to_learn"}
     for r in by_method.values():
         assert r["status"] == "complete" and "calibration" in r["timings"]
-        assert set(r["scores"]) == {"tiny_add", "tiny_color"}
+        assert set(r["scores"]) == {"tiny_add", "tiny_color"} and r["pool"]["experts"] == {}
     assert by_method["merge_to_learn"]["method"]["report"]["omega"] == {"add": pytest.approx(2.0)}
+
+    adapters = by_method["bora"]["method"]["report"]["members"]
+    trained = by_method["merge_to_learn"]["method"]["report"]["members"]
+    experts = (
+        f"+model.experts={{color: {{adapter: {adapters['color']}}}, "
+        f"add: {{adapter: {adapters['add']}}}, skill: {{path: {trained['skill/add']}}}}}"
+    )
+    mergelab(tiny_pool["conf"], runs, "method=task_arithmetic", "~model.experts", experts)
+    ta = results(runs)["task_arithmetic"]
+    assert ta["status"] == "complete" and set(ta["pool"]["experts"]) == {"color", "add", "skill"}
 
 
 def test_collect_only_keeps_matching_merges(sweep, tiny_pool, tmp_path):

@@ -23,13 +23,13 @@ import pytest
 import torch
 from _peer_pool import LLAMA_SHAPES, make_pool
 
+from core.combine import disjoint_merge, elect_sign
 from core.numerics import one_thread
 from methods.della import della_merge, magprune, magprune_keep_probabilities
 from methods.emr import EMRMerging, emr_masks, emr_model, emr_unify
 from methods.iso import iso_c_delta, iso_cts_delta, iso_cts_sizes
 from methods.karcher import karcher_mean, multislerp
 from methods.sce import sce_merge, sce_select_mask, sce_weights
-from methods.ties import disjoint_merge, elect_sign
 from methods.tsv import other_rule, tsv_delta
 
 pytestmark = pytest.mark.peers

@@ -44,3 +44,17 @@ def instantiate_conf(method_name: str, **overrides: object) -> MergeMethod:
     path = Path(__file__).resolve().parents[2] / "conf" / "method" / f"{method_name}.yaml"
     cfg = OmegaConf.merge(OmegaConf.load(path), overrides)
     return instantiate(cfg)
+
+
+def instantiate_overrides(overrides: Sequence[str]) -> MergeMethod:
+    """``cfg.method`` composed from ``conf/config.yaml`` with command-line ``overrides``
+    (config groups and defaults lists included, as ``mergelab`` composes it)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return instantiate(cfg.method)

@@ -6,8 +6,10 @@ import torch
 from _drive import instantiate_conf
 from _fit import drive_fit, make_context, tiny_pool
 
+from core.combine import disjoint_merge, elect_sign
 from core.lm import encode_prompts, entropy, last_positions, last_token_entropy, right_pad
 from core.numerics import one_thread
+from core.trim import trim_by_threshold
 from methods.adamerging import (
     AdaMerging,
     clamp_coefficients,
@@ -15,7 +17,7 @@ from methods.adamerging import (
     disjoint_task_vectors,
     merged_parameters,
 )
-from methods.ties import TIES, disjoint_merge, elect_sign, trim_by_threshold
+from methods.ties import TIES
 
 FAST = {"steps": 12, "lr": 0.05, "batch_size": 8}
 

@@ -382,3 +382,51 @@ def test_suite_without_ppl_yamls_is_rebuilt(tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     build.build_suite(tmp_path / "suite", seed=0, sizes=SMALL_SUITE)
     assert all((out / "tasks" / f"{t}.yaml").is_file() for t in build.PPL_TASKS.values())
+
+
+# ------------------------------------------------------------------- pool members
+
+
+def test_trained_adapters_are_pool_members(tiny, tmp_path):
+    """Each task's adapter is written as a PEFT directory that a pool lists as an expert:
+    the pool's LoRA source gives this cell's weights bit for bit, and peft loads it."""
+    from peft import PeftModel
+
+    from harness.pool import ModelPool
+
+    base_dir = tmp_path / "base"
+    fresh(tiny).save_pretrained(base_dir)
+    method = BoRA(tau=1.0, tasks=write_specs(tmp_path), task="mid", target_modules=TARGETS, **KW)
+    assert method.uses_experts is False
+    method.fit(context(tiny, tmp_path / "cache"))
+    members = method.report()["members"]
+    assert set(members) == {"small", "mid", "big"}
+    assert Path(members["mid"]).parent.parent == Path(method.report()["cache"]["dir"])
+    experts = {"mid": {"adapter": members["mid"]}}
+    cfg = {"name": "t", "base": {"path": str(base_dir)}, "experts": experts}
+    pool = ModelPool.from_config(cfg).open()
+    ours = merged(method, tiny)
+    for n in tiny[2]:
+        assert torch.equal(pool.tensor("mid", n), ours[n]), n
+    merged_peft = PeftModel.from_pretrained(fresh(tiny), members["mid"]).merge_and_unload()
+    for n, t in merged_peft.state_dict().items():
+        torch.testing.assert_close(t, ours[n], rtol=1e-5, atol=1e-6)
+    # a second cell reusing the training keeps the members as they are
+    again = BoRA(tau=1.0, tasks=write_specs(tmp_path), task="big", target_modules=TARGETS, **KW)
+    mtime = (Path(members["mid"]) / "adapter_model.safetensors").stat().st_mtime_ns
+    again.fit(context(tiny, tmp_path / "cache"))
+    assert again.report()["members"] == members
+    assert (Path(members["mid"]) / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_pool_without_experts_only_for_methods_that_train_their_own(tiny, tmp_path):
+    from harness.pool import ModelPool, PoolError
+
+    base_dir = tmp_path / "base"
+    fresh(tiny).save_pretrained(base_dir)
+    cfg = {"name": "t", "base": {"path": str(base_dir)}, "experts": {}}
+    with pytest.raises(PoolError, match="this method merges experts"):
+        ModelPool.from_config(cfg)
+    pool = ModelPool.from_config(cfg, require_experts=False).open()
+    pool.check_compatible()
+    assert pool.expert_names == []

@@ -4,15 +4,8 @@ import pytest
 import torch
 from _drive import drive, instantiate_conf
 
-from methods.dare import (
-    DARELinear,
-    DARETies,
-    dare_keep_mask,
-    dare_linear_merge,
-    dare_rescale,
-    dare_ties_merge,
-    mask_seed,
-)
+from core.dropout import dare_keep_mask, dare_rescale, mask_seed
+from methods.dare import DARELinear, DARETies, dare_linear_merge, dare_ties_merge
 from methods.task_arithmetic import task_arithmetic
 from methods.ties import ties_merge
 
@@ -156,4 +149,5 @@ def test_bad_config(cls, kwargs, match):
 def test_yaml_instantiates(conf, cls):
     m = instantiate_conf(conf)
     assert isinstance(m, cls) and m.name == conf
-    assert (m.drop_rate, m.scaling, m.weights_option) == (0.5, 1.0, None)
+    assert (m.transform.drop_rate, m.transform.rescale) == (0.5, "inverse_p")
+    assert (m.coefficients.scaling, m.coefficients.weights_option) == (1.0, None)

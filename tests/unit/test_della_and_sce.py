@@ -7,7 +7,8 @@ import pytest
 import torch
 from _drive import drive, instantiate_conf
 
-from methods.dare import DARELinear, DARETies, mask_seed
+from core.dropout import mask_seed
+from methods.dare import DARELinear, DARETies
 from methods.della import (
     DELLA,
     della_merge,
@@ -140,10 +141,11 @@ def test_della_plugin_is_seeded_and_reports_kept_fractions():
 
 def test_della_configs_and_option_errors():
     della, linear = instantiate_conf("della"), instantiate_conf("della_linear")
-    assert (della.density, della.epsilon, della.scaling) == (0.7, 0.07, 1.1)
+    assert (della.transform.density, della.transform.epsilon) == (0.7, 0.07)
+    assert della.coefficients.scaling == 1.1
     assert della.sign_election is True and linear.sign_election is False
-    assert linear.scaling == 0.3
-    assert instantiate_conf("della", rescale="l1").rescale == "l1"
+    assert linear.coefficients.scaling == 0.3
+    assert instantiate_conf("della", rescale="l1").transform.rescale == "l1"
     with pytest.raises(ValueError, match="method.epsilon must keep density"):
         DELLA(density=0.9, epsilon=0.2)
     with pytest.raises(ValueError, match="method.epsilon must keep density"):
@@ -154,7 +156,7 @@ def test_della_configs_and_option_errors():
         DELLA(rescale="l2")
     with pytest.raises(ValueError, match="method.density"):
         DELLA(density=0.0)
-    assert DELLA(density=1.0, epsilon=0.4).density == 1.0  # ε ignored when nothing drops
+    assert DELLA(density=1.0, epsilon=0.4).transform.density == 1.0  # ε ignored when nothing drops
 
 
 # ----------------------------------------------------------------------------- SCE

@@ -324,3 +324,27 @@ def test_experiment_configs_sweep_the_intended_grid():
     assert t.general_from == "tulu2" and set(tulu.model.experts) == {"tulu2"}
     assert t.skills == {"safety": {"jsonl": "~/data/merge_to_learn/safety.jsonl"}}
     assert t.lr == 2e-5 and t.batch_size == 128 and t.text_suffix is None
+
+
+def test_trained_models_are_pool_members(setup, tmp_path):
+    """``report()["members"]`` names each trained model's directory, a full HF checkpoint a
+    pool lists as an expert: the pool reads the trained weights unchanged."""
+    from harness.pool import ModelPool
+
+    ptm = setup.method("ptm", omega=0.5)
+    setup.run(ptm)
+    members = ptm.report()["members"]
+    assert set(members) == {"general", "skill/a"} and ptm.uses_experts is False
+    base_dir = tmp_path / "base"
+    setup.build("base").save_pretrained(base_dir)
+    setup.tok.save_pretrained(base_dir)
+    experts = {"general": {"path": members["general"]}, "a": {"path": members["skill/a"]}}
+    pool = ModelPool.from_config(
+        {"name": "m2l", "base": {"path": str(base_dir)}, "experts": experts}
+    )
+    pool = pool.open()
+    pool.check_compatible()
+    for member, component in (("general", "general"), ("a", "skill/a")):
+        weights = trained(ptm, component)
+        for n, t in weights.items():
+            assert torch.equal(pool.tensor(member, n), t.float()), (member, n)

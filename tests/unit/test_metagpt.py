@@ -4,7 +4,7 @@ import pytest
 import torch
 from _drive import drive, instantiate_conf
 
-from methods.dare import dare_keep_mask, mask_seed
+from core.dropout import dare_keep_mask, mask_seed
 from methods.metagpt import MetaGPT, metagpt_bound, metagpt_coefficients, metagpt_merge
 from methods.ties import TIES, ties_merge
 from methods.weight_average import weight_average

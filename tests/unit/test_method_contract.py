@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _drive import drive
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from _drive import drive, instantiate_overrides
 
 from methods.base import MergeMethod
 
@@ -23,9 +21,7 @@ CONFS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 
 def _method(name: str) -> MergeMethod:
     """``method=<name>`` composed as ``mergelab`` composes it (defaults lists included)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"method={name}"])
-    return instantiate(cfg.method)
+    return instantiate_overrides([f"method={name}"])
 
 
 def _pool() -> tuple[dict, dict]:
@@ -58,6 +54,7 @@ def test_every_method_config_is_covered():
         "fisher",
         "regmean",
         "regmean_pp",
+        "task_vector",
     } <= set(CONFS)
 
 

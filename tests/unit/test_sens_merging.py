@@ -261,4 +261,5 @@ def test_yaml_instantiates(conf, base_cls, passes):
     assert isinstance(m, SensMerging) and m.name == "sens_merging" and m.needs_data
     assert type(m.base).__name__ == base_cls and m.stat_passes == passes
     assert (m.temperature, m.n_calibration, m.alignment) == (1.0, 100, "kl")
-    assert SensMerging().base.scaling == 0.3  # null options take the base method's defaults
+    # null options take the base method's defaults
+    assert SensMerging().base.coefficients.scaling == 0.3

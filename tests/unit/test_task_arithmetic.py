@@ -44,4 +44,4 @@ def test_yaml_instantiates():
 
     m = instantiate_conf("task_arithmetic")
     assert isinstance(m, TaskArithmetic) and m.name == "task_arithmetic"
-    assert m.scaling == 0.3 and m.weights_option is None
+    assert m.coefficients.scaling == 0.3 and m.coefficients.weights_option is None

@@ -5,20 +5,17 @@ import pytest
 import torch
 from _drive import drive, instantiate_conf
 
-from methods.ties import (
-    TIES,
+from core.combine import disjoint_merge, elect_sign, ties_combine
+from core.trim import (
     count_to_keep,
-    disjoint_merge,
-    elect_sign,
     global_kth_largest_magnitude,
     global_trim_threshold,
     kth_largest_magnitude,
-    ties_combine,
-    ties_merge,
     trim_by_threshold,
     trim_mask_per_tensor,
     trim_threshold_per_tensor,
 )
+from methods.ties import TIES, ties_merge
 
 
 def t(*xs: float) -> torch.Tensor:
@@ -302,5 +299,7 @@ def test_bad_config(kwargs, match):
 def test_yaml_instantiates():
     m = instantiate_conf("ties")
     assert isinstance(m, TIES) and m.name == "ties"
-    assert (m.density, m.scaling, m.trim_scope, m.weights_option) == (0.2, 1.0, "global", None)
+    trim = m.transform
+    assert (trim.density, trim.scope, trim.keep_count) == (0.2, "global", "ceil")
+    assert (m.coefficients.scaling, m.coefficients.weights_option) == (1.0, None)
     assert m.stat_passes == 2

@@ -1,0 +1,83 @@
+"""Any data-free task-vector merge as transform × combine × coefficients (:mod:`core.pieces`).
+
+    θ = θ0 + λ · combine({transform(θ_k − θ0)}, {w_k})
+
+``conf/method/task_vector.yaml`` composes the three from the config groups
+``method/transform`` (``none``, ``trim``, ``drop``, ``breadcrumbs``, ``magprune``),
+``method/combine`` (``sum``, ``disjoint_mean``) and ``method/coefficients`` (``fixed``,
+``metagpt``, ``learned``: an AdaMerging / Sens-Merging / MetaGPT cell's weights), e.g.
+MetaGPT's coefficients over DARE drops with TIES' election:
+
+    mergelab method=task_vector method/transform=drop method/combine=disjoint_mean \\
+        method/coefficients=metagpt
+
+Task arithmetic, TIES, DARE, Breadcrumbs, DELLA and MetaGPT are this class with their
+pieces fixed (and their own flat options), so a composition that names the same pieces
+and options gives the same weights bit for bit (tests/unit/test_task_vector.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from core.combine import weighted_sum
+from core.pieces import Coefficients, Combine, Identity, Passes, Sum, Transform
+from methods.base import MergeMethod, task_vectors
+
+
+class TaskVectorMerge(MergeMethod):
+    """The composed merge. ``transform``, ``combine`` and ``coefficients`` are piece
+    objects (Hydra instantiates them from their ``_target_``). ``stat_passes`` is the most
+    any piece needs; ``report()`` merges the coefficients' and the transform's reports."""
+
+    name = "task_vector"
+
+    def __init__(self, transform: Transform, combine: Combine, coefficients: Coefficients) -> None:
+        for what, piece, kind in (
+            ("transform", transform, Transform),
+            ("combine", combine, Combine),
+            ("coefficients", coefficients, Coefficients),
+        ):
+            if not isinstance(piece, kind):
+                raise ValueError(
+                    f"method.{what} must be a {kind.__name__} from core.pieces (a config with "
+                    f"a _target_, e.g. method/{what}=...), got {type(piece).__name__}"
+                )
+        self.transform = transform
+        self.combine = combine
+        self.coefficients = coefficients
+        self._passes = Passes(coefficients, transform)
+        self.stat_passes = self._passes.count
+        self.expert_names: list[str] = []
+
+    def setup(self, expert_names: Sequence[str], seed: int) -> None:
+        super().setup(expert_names, seed)
+        self.coefficients.setup(self.expert_names, seed)
+        self.transform.setup(self.expert_names, seed)
+
+    def observe(
+        self, pass_idx: int, name: str, base: Tensor, experts: Mapping[str, Tensor]
+    ) -> None:
+        taus = dict(zip(experts, task_vectors(base, experts), strict=True))
+        self._passes.observe(pass_idx, name, taus)
+
+    def end_pass(self, pass_idx: int) -> None:
+        self._passes.end_pass(pass_idx)
+
+    def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:
+        weights = self.coefficients.weights(name, list(experts))
+        if type(self.transform) is Identity and type(self.combine) is Sum:
+            # the same sum, one difference in memory at a time
+            diffs = (t - base for t in experts.values())
+            return base + self.coefficients.scaling * weighted_sum(
+                base, diffs, len(experts), weights, "experts"
+            )
+        taus = dict(zip(experts, task_vectors(base, experts), strict=True))
+        vectors = self.transform.apply(name, taus)
+        return self.combine(base, list(vectors.values()), self.coefficients.scaling, weights)
+
+    def report(self) -> dict[str, Any]:
+        return {**self.coefficients.report(), **self.transform.report()}
