@@ -220,6 +220,12 @@ class RandomDrop(CountingTransform):
 class Combine:
     """θ0 + λ · (combined processed task vectors)."""
 
+    def setup(self, expert_names: Sequence[str], seed: int) -> None:  # noqa: B027
+        """Called once with the pool's experts (a combine may refuse the pool)."""
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
     def __call__(
         self, base: Tensor, vectors: Sequence[Tensor], scaling: float, weights: Sequence[float]
     ) -> Tensor:

@@ -11,18 +11,22 @@ Choices the paper leaves open, decided here:
 - ``min_agreement`` 2 (the paper's choice: drop "selfish" weights used by one task only
   and "catastrophic" ones used by none).
 - τ_MTL is the unweighted sum; α = ``scaling`` (default 0.3, task arithmetic's).
+
+The consensus mask is the combine piece :class:`ConsensusMask` (``method/combine=consensus``
+puts it after any transform; with per-expert weights w_k it masks and sums the w_k v_k).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from core.options import check_finite, check_int
-from methods.base import MergeMethod
+from core.pieces import Combine, Fixed, Identity
+from methods.task_vector import TaskVectorMerge
 
 
 def tall_masks(taus: Sequence[Tensor], mask_lambda: float) -> list[Tensor]:
@@ -43,42 +47,50 @@ def consensus_merge(
     return base + scaling * (total * keep), int(keep.sum())
 
 
-class ConsensusTA(MergeMethod):
-    """Plugin for :func:`consensus_merge`. Options: ``mask_lambda`` (λ ≥ 0),
-    ``min_agreement`` (an integer ≥ 1), ``scaling`` α."""
+class ConsensusMask(Combine):
+    """The combine piece: θ0 + λ · (Σ_k w_k v_k ⊙ [Σ_k m_k ≥ min_agreement]) with the TALL
+    masks m_k of the w_k v_k (w = 1: :func:`consensus_merge`). ``report()``:
+    ``kept_fraction`` of all entries."""
+
+    def __init__(self, mask_lambda: float = 0.6, min_agreement: int = 2) -> None:
+        self.mask_lambda = check_finite(mask_lambda, "method.mask_lambda")
+        if self.mask_lambda < 0:
+            raise ValueError(f"method.mask_lambda must be >= 0, got {mask_lambda!r}")
+        self.min_agreement = check_int(min_agreement, "method.min_agreement", 1)
+        self.kept = self.total = 0
+
+    def setup(self, expert_names: Sequence[str], seed: int) -> None:
+        if self.min_agreement > len(expert_names):
+            raise ValueError(
+                f"method.min_agreement={self.min_agreement} exceeds the pool's "
+                f"{len(expert_names)} experts: no weight could be kept"
+            )
+        self.kept = self.total = 0
+
+    def __call__(
+        self, base: Tensor, vectors: Sequence[Tensor], scaling: float, weights: Sequence[float]
+    ) -> Tensor:
+        taus = [v * float(w) for v, w in zip(vectors, weights, strict=True)]
+        votes = torch.stack(tall_masks(taus, self.mask_lambda)).sum(dim=0)
+        keep = votes >= self.min_agreement
+        self.kept += int(keep.sum())
+        self.total += keep.numel()
+        return base + scaling * (torch.stack(taus).sum(dim=0) * keep)
+
+    def report(self) -> dict[str, Any]:
+        return {"kept_fraction": self.kept / self.total if self.total else None}
+
+
+class ConsensusTA(TaskVectorMerge):
+    """Plugin: task vectors as they are, :class:`ConsensusMask`, λ = α. Options:
+    ``mask_lambda`` (λ ≥ 0), ``min_agreement`` (an integer ≥ 1), ``scaling`` α."""
 
     name = "consensus_ta"
 
     def __init__(
         self, mask_lambda: float = 0.6, min_agreement: int = 2, scaling: float = 0.3
     ) -> None:
-        self.mask_lambda = check_finite(mask_lambda, "method.mask_lambda")
-        if self.mask_lambda < 0:
-            raise ValueError(f"method.mask_lambda must be >= 0, got {mask_lambda!r}")
-        self.min_agreement = check_int(min_agreement, "method.min_agreement", 1)
-        self.scaling = check_finite(scaling, "method.scaling")
-
-    def setup(self, expert_names: Sequence[str], seed: int) -> None:
-        super().setup(expert_names, seed)
-        if self.min_agreement > len(self.expert_names):
-            raise ValueError(
-                f"method.min_agreement={self.min_agreement} exceeds the pool's "
-                f"{len(self.expert_names)} experts: no weight could be kept"
-            )
-        self.kept = 0
-        self.total = 0
-
-    def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:
-        merged, kept = consensus_merge(
-            base,
-            list(experts.values()),
-            mask_lambda=self.mask_lambda,
-            min_agreement=self.min_agreement,
-            scaling=self.scaling,
-        )
-        self.kept += kept
-        self.total += base.numel()
-        return merged
+        super().__init__(Identity(), ConsensusMask(mask_lambda, min_agreement), Fixed(scaling))
 
     def report(self) -> dict[str, Any]:
-        return {"kept_fraction": self.kept / self.total if self.total else None}
+        return self.combine.report()

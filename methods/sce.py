@@ -34,6 +34,9 @@ This follows mergekit 0.1.5 (``mergekit/merge_methods/sce.py``: ``sce_merge``,
   ``select_scope: weights_only`` gives that, ``task_vectors`` (default) mergekit's.
 - Defaults: ``select_topk`` 0.1 (τ = 10%, the released ``fusechat-sce.yml``; mergekit's
   default 1.0 selects everything). No per-model weights: the η are the weights.
+
+The Select step alone is the transform piece :class:`VarianceSelect`
+(``method/transform=variance_select`` puts it before any combine and coefficients).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from torch import Tensor
 
 from core.combine import disjoint_merge
 from core.options import check_choice, check_finite, check_unit_interval
+from core.pieces import Transform
 from methods.base import MergeMethod
 
 SELECT_SCOPES = ("task_vectors", "weights_only")
@@ -122,6 +126,18 @@ def sce_merge(
             merged.add_(t * agree, alpha=w)
     fraction = float(select.float().mean()) if select.numel() else 1.0
     return base + scaling * merged, eta, fraction
+
+
+class VarianceSelect(Transform):
+    """The transform piece: every τ_k zeroed outside :func:`sce_select_mask` (the entries of
+    largest variance across the experts, ⌊``select_topk`` · #{var ≠ 0}⌋ of them)."""
+
+    def __init__(self, select_topk: float = 0.1) -> None:
+        self.select_topk = check_unit_interval(select_topk, "method.select_topk", open_low=True)
+
+    def apply(self, name: str, taus: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        select = sce_select_mask(list(taus.values()), self.select_topk)
+        return {e: t * select for e, t in taus.items()}
 
 
 class SCE(MergeMethod):

@@ -3,15 +3,16 @@
     θ = θ0 + λ · combine({transform(θ_k − θ0)}, {w_k})
 
 ``conf/method/task_vector.yaml`` composes the three from the config groups
-``method/transform`` (``none``, ``trim``, ``drop``, ``breadcrumbs``, ``magprune``),
-``method/combine`` (``sum``, ``disjoint_mean``) and ``method/coefficients`` (``fixed``,
-``metagpt``, ``learned``: an AdaMerging / Sens-Merging / MetaGPT cell's weights), e.g.
+``method/transform`` (``none``, ``trim``, ``drop``, ``breadcrumbs``, ``magprune``,
+``variance_select``), ``method/combine`` (``sum``, ``disjoint_mean``, ``consensus``) and
+``method/coefficients`` (``fixed``, ``metagpt``, ``learned``: an AdaMerging /
+Sens-Merging / MetaGPT cell's weights), e.g.
 MetaGPT's coefficients over DARE drops with TIES' election:
 
     mergelab method=task_vector method/transform=drop method/combine=disjoint_mean \\
         method/coefficients=metagpt
 
-Task arithmetic, TIES, DARE, Breadcrumbs, DELLA and MetaGPT are this class with their
+Task arithmetic, TIES, DARE, Breadcrumbs, DELLA, Consensus TA and MetaGPT are this class with their
 pieces fixed (and their own flat options), so a composition that names the same pieces
 and options gives the same weights bit for bit (tests/unit/test_task_vector.py).
 """
@@ -31,7 +32,7 @@ from methods.base import MergeMethod, task_vectors
 class TaskVectorMerge(MergeMethod):
     """The composed merge. ``transform``, ``combine`` and ``coefficients`` are piece
     objects (Hydra instantiates them from their ``_target_``). ``stat_passes`` is the most
-    any piece needs; ``report()`` merges the coefficients' and the transform's reports."""
+    any piece needs; ``report()`` merges the pieces' reports."""
 
     name = "task_vector"
 
@@ -57,6 +58,7 @@ class TaskVectorMerge(MergeMethod):
         super().setup(expert_names, seed)
         self.coefficients.setup(self.expert_names, seed)
         self.transform.setup(self.expert_names, seed)
+        self.combine.setup(self.expert_names, seed)
 
     def observe(
         self, pass_idx: int, name: str, base: Tensor, experts: Mapping[str, Tensor]
@@ -80,4 +82,4 @@ class TaskVectorMerge(MergeMethod):
         return self.combine(base, list(vectors.values()), self.coefficients.scaling, weights)
 
     def report(self) -> dict[str, Any]:
-        return {**self.coefficients.report(), **self.transform.report()}
+        return {**self.coefficients.report(), **self.transform.report(), **self.combine.report()}

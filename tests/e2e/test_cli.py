@@ -410,3 +410,20 @@ def test_a_sweep_over_merge_only_options_fits_once(tiny_pool, tmp_path):
     assert alone["weights_sha256"] == second["weights_sha256"]
     assert alone["scores"] == second["scores"]
     assert (runs / ".fit_cache" / first["method"]["fit_cache"]["key"] / "state.json").is_file()
+
+
+def test_a_composed_task_vector_merge_runs_and_tabulates(tiny_pool, tmp_path):
+    """The README's composition runs through the CLI; its pieces become table params."""
+    runs = tmp_path / "runs"
+    composed = ["method=task_vector", "method/transform=drop", "method/coefficients=metagpt"]
+    mergelab(tiny_pool["conf"], runs, "-m", *composed, "method.transform.drop_rate=0.3,0.6")
+    recs = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
+    assert len(recs) == 2 and all(r["status"] == "complete" for r in recs)
+    params = recs[0]["method"]["params"]
+    assert params["transform"] == "RandomDrop" and params["coefficients"] == "MetaGPTCoefficients"
+    assert {r["method"]["params"]["transform.drop_rate"] for r in recs} == {0.3, 0.6}
+    assert sum(recs[0]["method"]["report"]["coefficients"].values()) == pytest.approx(1.0)
+    out = mergelab(
+        tiny_pool["conf"], runs, str(runs), "--out", str(tmp_path), exe="mergelab-collect"
+    )
+    assert "task_vector(transform.drop_rate=0.3)" in out.stdout

@@ -114,6 +114,15 @@ def test_a_piece_must_be_a_piece():
 
 
 COMPOSED = [
+    (
+        ["method=consensus_ta"],
+        [
+            "method=task_vector",
+            "method/transform=none",
+            "method/combine=consensus",
+            "method.coefficients.scaling=0.3",
+        ],
+    ),
     (["method=ties"], ["method=task_vector"]),
     (
         ["method=ties", "method.trim_scope=per_tensor", "method.keep_count=floor"],
@@ -300,3 +309,22 @@ def test_adamerging_coefficients_reused_by_a_composition(tmp_path):
     a, b = drive(ada, base, experts), drive(composed, base, experts)
     for n in base:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=4 * torch.finfo(torch.float32).eps)
+
+
+def test_variance_select_and_consensus_pieces_by_hand():
+    from methods.consensus import ConsensusMask
+    from methods.sce import VarianceSelect
+
+    taus = {"a": torch.tensor([1.0, 0.0, 3.0, 2.0]), "b": torch.tensor([1.0, 4.0, -3.0, 2.0])}
+    # variances over the 2 experts: [0, 4, 9, 0]; 2 non-zero, select_topk 0.5 keeps 1 (9)
+    out = VarianceSelect(0.5).apply("t", taus)
+    assert torch.equal(out["a"], torch.tensor([0.0, 0.0, 3.0, 0.0]))
+    assert torch.equal(out["b"], torch.tensor([0.0, 0.0, -3.0, 0.0]))
+    combine = ConsensusMask(mask_lambda=0.5, min_agreement=2)
+    combine.setup(["a", "b"], 0)
+    # Σ = [2, 4, 0, 4]; m_a = |a| ≥ 0.5|b| → [1, 0, 1, 1]; m_b = |b| ≥ 0.5|a| → [1, 1, 1, 1]
+    merged = combine(torch.zeros(4), list(taus.values()), 0.5, [1.0, 1.0])
+    assert torch.equal(merged, torch.tensor([1.0, 0.0, 0.0, 2.0]))
+    assert combine.report()["kept_fraction"] == 0.75
+    with pytest.raises(ValueError, match="min_agreement=2 exceeds the pool's 1 experts"):
+        combine.setup(["a"], 0)
