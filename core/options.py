@@ -9,7 +9,9 @@ from typing import Any
 
 
 def resolve_weights(
-    weights: Mapping[str, float] | Sequence[float] | None, expert_names: Sequence[str]
+    weights: Mapping[str, float] | Sequence[float] | None,
+    expert_names: Sequence[str],
+    what: str = "method.weights",
 ) -> list[float]:
     """Per-expert weights in pool order; ``None`` means 1.0 each.
 
@@ -24,21 +26,21 @@ def resolve_weights(
         unknown = sorted(set(weights) - set(names))
         if unknown:
             raise ValueError(
-                f"method.weights names unknown experts {unknown}; the pool's experts are {names}"
+                f"{what} names unknown experts {unknown}; the pool's experts are {names}"
             )
         out = [float(weights.get(n, 1.0)) for n in names]
     else:
         out = [float(w) for w in weights]
         if len(out) != len(names):
             raise ValueError(
-                f"method.weights has {len(out)} entries but the pool has {len(names)} experts "
+                f"{what} has {len(out)} entries but the pool has {len(names)} experts "
                 f"{names}; give one weight per expert or a mapping by name"
             )
     bad = [w for w in out if not math.isfinite(w) or w < 0]
     if bad:
-        raise ValueError(f"method.weights must be finite and >= 0, got {out}")
+        raise ValueError(f"{what} must be finite and >= 0, got {out}")
     if sum(out) == 0:
-        raise ValueError("method.weights are all zero; at least one expert needs weight > 0")
+        raise ValueError(f"{what} are all zero; at least one expert needs weight > 0")
     return out
 
 

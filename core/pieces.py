@@ -26,6 +26,7 @@ the method that holds them, so a Hydra config can combine any of them
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -131,13 +132,14 @@ class CountingTransform(Transform):
         return out
 
     def report(self) -> dict[str, Any]:
-        return {"kept_fraction": self.kept.fractions()}
+        kept = getattr(self, "kept", None)  # None before setup
+        return {"kept_fraction": kept.fractions() if kept is not None else {}}
 
 
 class MagnitudeTrim(CountingTransform):
     """TIES' trim: keep each τ_k's top ``density`` entries by magnitude (:mod:`core.trim`).
 
-    ``scope: global`` (TIES' Algorithm 1): one threshold per expert over its whole task
+    ``trim_scope: global`` (TIES' Algorithm 1): one threshold per expert over its whole task
     vector, found exactly in two statistics passes (radix select); ``per_tensor``
     (mergekit's): per tensor by ``torch.kthvalue``, no pass. ``keep_count`` is the count
     rule of :func:`core.trim.count_to_keep`. Density 1 keeps everything (threshold 0).
@@ -146,22 +148,29 @@ class MagnitudeTrim(CountingTransform):
     """
 
     def __init__(
-        self, density: float = 0.2, scope: str = "global", keep_count: str = "ceil"
+        self,
+        density: float = 0.2,
+        trim_scope: str = "global",
+        keep_count: str = "ceil",
+        *,
+        where: str = "method.transform",
     ) -> None:
-        self.density = check_unit_interval(density, "method.density", open_low=True)
-        self.scope = check_choice(scope, "method.trim_scope", TRIM_SCOPES)
-        self.keep_count = check_choice(keep_count, "method.keep_count", KEEP_COUNTS)
-        self.stat_passes = 2 if self.scope == "global" and self.density < 1 else 0
+        self.density = check_unit_interval(density, f"{where}.density", open_low=True)
+        self.trim_scope = check_choice(trim_scope, f"{where}.trim_scope", TRIM_SCOPES)
+        self.keep_count = check_choice(keep_count, f"{where}.keep_count", KEEP_COUNTS)
+        self.stat_passes = 2 if self.trim_scope == "global" and self.density < 1 else 0
         self.thresholds: dict[str, float] | None = None
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
         super().setup(expert_names, seed)
         self._select = {n: RadixSelect() for n in self.expert_names}
         self.thresholds = None
-        if self.scope == "global" and self.stat_passes == 0:
+        if self.trim_scope == "global" and self.stat_passes == 0:
             self.thresholds = dict.fromkeys(self.expert_names, 0.0)
 
     def observe(self, pass_idx: int, name: str, taus: Mapping[str, Tensor]) -> None:
+        if pass_idx not in range(self.stat_passes):
+            raise ValueError(f"the trim has {self.stat_passes} statistics passes, got {pass_idx}")
         for expert, tau in taus.items():
             if pass_idx == 0:
                 self._select[expert].add_high(tau)
@@ -178,7 +187,7 @@ class MagnitudeTrim(CountingTransform):
 
     def threshold(self, expert: str, tau: Tensor) -> float:
         """The trim threshold of ``expert``'s ``tau`` (this tensor's, or the global one)."""
-        if self.scope == "per_tensor":
+        if self.trim_scope == "per_tensor":
             return trim_threshold_per_tensor(tau, self.density, self.keep_count)
         if self.thresholds is None:
             raise RuntimeError("global trim: the 2 statistics passes have not run")
@@ -201,9 +210,11 @@ class RandomDrop(CountingTransform):
     (``rescale: inverse_p``, the paper's) or by the tensor's L1 ratio ‖τ‖₁/‖τ ⊙ m‖₁
     (``l1``, mergekit 0.1.5's). ``report()``: ``kept_fraction`` of the masks."""
 
-    def __init__(self, drop_rate: float = 0.5, rescale: str = "inverse_p") -> None:
-        self.drop_rate = check_unit_interval(drop_rate, "method.drop_rate", open_high=True)
-        self.rescale = check_choice(rescale, "method.rescale", DROP_RESCALES)
+    def __init__(
+        self, drop_rate: float = 0.5, rescale: str = "inverse_p", *, where: str = "method.transform"
+    ) -> None:
+        self.drop_rate = check_unit_interval(drop_rate, f"{where}.drop_rate", open_high=True)
+        self.rescale = check_choice(rescale, f"{where}.rescale", DROP_RESCALES)
 
     def one(self, name: str, expert: str, tau: Tensor) -> tuple[Tensor, Tensor]:
         keep = dare_keep_mask(
@@ -246,8 +257,9 @@ class DisjointMean(Combine):
     is sign(Σ v_k) (``sign_vote: unweighted``, Algorithm 1) or sign(Σ w_k v_k)
     (``weighted``, mergekit's)."""
 
-    def __init__(self, sign_vote: str = "unweighted") -> None:
-        self.weighted_vote = check_choice(sign_vote, "method.sign_vote", SIGN_VOTES) == "weighted"
+    def __init__(self, sign_vote: str = "unweighted", *, where: str = "method.combine") -> None:
+        vote = check_choice(sign_vote, f"{where}.sign_vote", SIGN_VOTES)
+        self.weighted_vote = vote == "weighted"
 
     def __call__(
         self, base: Tensor, vectors: Sequence[Tensor], scaling: float, weights: Sequence[float]
@@ -275,14 +287,17 @@ class Fixed(Coefficients):
         self,
         scaling: float = 1.0,
         weights: Mapping[str, float] | Sequence[float] | None = None,
+        *,
+        where: str = "method.coefficients",
     ) -> None:
-        self.scaling = check_finite(scaling, "method.scaling")
-        self.weights_option = check_weights_option(weights)
+        self.scaling = check_finite(scaling, f"{where}.scaling")
+        self.weights_option = check_weights_option(weights, f"{where}.weights")
+        self.where = where
         self.weight_of: dict[str, float] = {}
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
         super().setup(expert_names, seed)
-        values = resolve_weights(self.weights_option, self.expert_names)
+        values = resolve_weights(self.weights_option, self.expert_names, f"{self.where}.weights")
         self.weight_of = dict(zip(self.expert_names, values, strict=True))
 
     def weights(self, name: str, experts: Sequence[str]) -> list[float]:
@@ -302,20 +317,30 @@ class LearnedCoefficients(Coefficients):
       (:func:`core.layers.layer_group`).
 
     The weights enter the combine (θ0 + λ Σ w_k v_k for ``sum``). With the ``none``
-    transform and ``sum`` that is the learned merge itself, up to float rounding
-    (AdaMerging sums with one ``tensordot``, Sens-Merging rescales each expert first);
-    with a trim or drop it is a new composition: Sens-Merging proper rescales *before*
-    its base method trims. ``report()``: ``weights_from`` and ``weights_kind``.
+    transform, ``sum`` and λ = 1 that is plain AdaMerging's merge up to float rounding (it
+    sums with one ``tensordot``), and with λ = the base's λ (0.3 for ``sens_ta``) it is
+    Sens-Merging + task arithmetic's. Anything else is a new composition, used as given:
+    weights learned on AdaMerging++'s trimmed vectors, or Sens-Merging's scales (applied
+    there *before* its base method trims), are not checked against the transform here.
+    The file is read once, when the method is built; only its path is in the cell id, so
+    ``report()`` records its ``weights_sha256`` (of the file) with ``weights_from``,
+    ``weights_kind`` and the source cell's method name.
     """
 
-    def __init__(self, path: str, scaling: float = 1.0) -> None:
+    def __init__(
+        self, path: str, scaling: float = 1.0, *, where: str = "method.coefficients"
+    ) -> None:
         self.path = str(path)
-        self.scaling = check_finite(scaling, "method.coefficients.scaling")
-        where = f"method.coefficients.path {self.path!r}"
+        self.scaling = check_finite(scaling, f"{where}.scaling")
+        self.where = f"{where}.path"
+        where = f"{self.where} {self.path!r}"
         try:
-            data = json.loads(Path(self.path).expanduser().read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            raw = Path(self.path).expanduser().read_bytes()
+            data = json.loads(raw)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{where}: cannot read a JSON record ({err})") from err
+        self.file_sha256 = hashlib.sha256(raw).hexdigest()
+        self.source = (data.get("method") or {}).get("name") if isinstance(data, dict) else None
         report = data.get("method", {}).get("report") if "method" in data else data
         if not isinstance(report, Mapping):
             raise ValueError(f"{where} holds no method report")
@@ -338,7 +363,7 @@ class LearnedCoefficients(Coefficients):
         missing = sorted({e for row in rows for e in self.expert_names if e not in row})
         if missing:
             raise ValueError(
-                f"method.coefficients.path {self.path!r} has no weight for experts {missing}; "
+                f"{self.where} {self.path!r} has no weight for experts {missing}; "
                 "it was learned for another pool"
             )
 
@@ -349,14 +374,19 @@ class LearnedCoefficients(Coefficients):
             key = name if self.kind == "per_tensor" else layer_group(name)
             if key not in self.table:
                 raise ValueError(
-                    f"method.coefficients.path {self.path!r} has no weights for tensor "
+                    f"{self.where} {self.path!r} has no weights for tensor "
                     f"{name!r} ({self.kind}, key {key!r})"
                 )
             row = self.table[key]
         return [float(row[e]) for e in experts]
 
     def report(self) -> dict[str, Any]:
-        return {"weights_from": self.path, "weights_kind": self.kind}
+        return {
+            "weights_from": self.path,
+            "weights_sha256": self.file_sha256,
+            "weights_kind": self.kind,
+            "weights_source": self.source,
+        }
 
 
 # ---------------------------------------------------------------------------- passes

@@ -67,9 +67,11 @@ def breadcrumbs_merge(
 class BreadcrumbsMask(Transform):
     """The transform piece: v_k = m_k ⊙ τ_k with :func:`breadcrumbs_mask` per tensor."""
 
-    def __init__(self, density: float = 0.9, gamma: float = 0.01) -> None:
-        self.density = check_unit_interval(density, "method.density", open_low=True)
-        self.gamma = check_unit_interval(gamma, "method.gamma", open_high=True)
+    def __init__(
+        self, density: float = 0.9, gamma: float = 0.01, *, where: str = "method.transform"
+    ) -> None:
+        self.density = check_unit_interval(density, f"{where}.density", open_low=True)
+        self.gamma = check_unit_interval(gamma, f"{where}.gamma", open_high=True)
 
     def apply(self, name: str, taus: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {e: t * breadcrumbs_mask(t, self.density, self.gamma) for e, t in taus.items()}
@@ -93,8 +95,9 @@ class Breadcrumbs(TaskVectorMerge):
         if not isinstance(sign_election, bool):
             raise ValueError(f"method.sign_election must be true or false, got {sign_election!r}")
         self.sign_election = sign_election
-        combine = DisjointMean() if sign_election else Sum()
-        super().__init__(BreadcrumbsMask(density, gamma), combine, Fixed(scaling, weights))
+        transform = BreadcrumbsMask(density, gamma, where="method")
+        combine = DisjointMean(where="method") if sign_election else Sum()
+        super().__init__(transform, combine, Fixed(scaling, weights, where="method"))
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "sign_election": self.sign_election}

@@ -52,17 +52,20 @@ class ConsensusMask(Combine):
     masks m_k of the w_k v_k (w = 1: :func:`consensus_merge`). ``report()``:
     ``kept_fraction`` of all entries."""
 
-    def __init__(self, mask_lambda: float = 0.6, min_agreement: int = 2) -> None:
-        self.mask_lambda = check_finite(mask_lambda, "method.mask_lambda")
+    def __init__(
+        self, mask_lambda: float = 0.6, min_agreement: int = 2, *, where: str = "method.combine"
+    ) -> None:
+        self.mask_lambda = check_finite(mask_lambda, f"{where}.mask_lambda")
         if self.mask_lambda < 0:
-            raise ValueError(f"method.mask_lambda must be >= 0, got {mask_lambda!r}")
-        self.min_agreement = check_int(min_agreement, "method.min_agreement", 1)
+            raise ValueError(f"{where}.mask_lambda must be >= 0, got {mask_lambda!r}")
+        self.min_agreement = check_int(min_agreement, f"{where}.min_agreement", 1)
+        self.where = where
         self.kept = self.total = 0
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
         if self.min_agreement > len(expert_names):
             raise ValueError(
-                f"method.min_agreement={self.min_agreement} exceeds the pool's "
+                f"{self.where}.min_agreement={self.min_agreement} exceeds the pool's "
                 f"{len(expert_names)} experts: no weight could be kept"
             )
         self.kept = self.total = 0
@@ -90,7 +93,8 @@ class ConsensusTA(TaskVectorMerge):
     def __init__(
         self, mask_lambda: float = 0.6, min_agreement: int = 2, scaling: float = 0.3
     ) -> None:
-        super().__init__(Identity(), ConsensusMask(mask_lambda, min_agreement), Fixed(scaling))
+        combine = ConsensusMask(mask_lambda, min_agreement, where="method")
+        super().__init__(Identity(), combine, Fixed(scaling, where="method"))
 
     def report(self) -> dict[str, Any]:
         return self.combine.report()

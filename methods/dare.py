@@ -63,7 +63,8 @@ class _DARE(TaskVectorMerge):
     ``rescale`` (``inverse_p`` default, ``l1``). ``report()``: ``weights`` and the masks'
     ``kept_fraction``."""
 
-    combine_piece: type[Combine]
+    def combine_piece(self) -> Combine:
+        raise NotImplementedError
 
     def __init__(
         self,
@@ -73,7 +74,9 @@ class _DARE(TaskVectorMerge):
         rescale: str = "inverse_p",
     ) -> None:
         super().__init__(
-            RandomDrop(drop_rate, rescale), self.combine_piece(), Fixed(scaling, weights)
+            RandomDrop(drop_rate, rescale, where="method"),
+            self.combine_piece(),
+            Fixed(scaling, weights, where="method"),
         )
 
 
@@ -81,7 +84,9 @@ class DARELinear(_DARE):
     """DARE + task arithmetic: θ0 + λ Σ_k w_k τ̃_k (see the module docstring)."""
 
     name = "dare_linear"
-    combine_piece = Sum
+
+    def combine_piece(self) -> Combine:
+        return Sum()
 
 
 class DARETies(_DARE):
@@ -89,4 +94,6 @@ class DARETies(_DARE):
     weighted disjoint mean, θ0 + λ · merged (see the module docstring)."""
 
     name = "dare_ties"
-    combine_piece = DisjointMean
+
+    def combine_piece(self) -> Combine:
+        return DisjointMean(where="method")

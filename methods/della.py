@@ -157,20 +157,27 @@ class Magprune(CountingTransform):
     """The transform piece: MAGPRUNE each τ_k (uniforms seeded per run seed, expert and
     tensor); density 1 keeps τ as it is. ``report()``: the masks' ``kept_fraction``."""
 
-    def __init__(self, density: float = 0.7, epsilon: float = 0.07, rescale: str = "inverse_p"):
-        self.density = check_unit_interval(density, "method.density", open_low=True)
-        self.epsilon = check_finite(epsilon, "method.epsilon")
+    def __init__(
+        self,
+        density: float = 0.7,
+        epsilon: float = 0.07,
+        rescale: str = "inverse_p",
+        *,
+        where: str = "method.transform",
+    ) -> None:
+        self.density = check_unit_interval(density, f"{where}.density", open_low=True)
+        self.epsilon = check_finite(epsilon, f"{where}.epsilon")
         if self.epsilon < 0:
-            raise ValueError(f"method.epsilon must be >= 0, got {epsilon!r}")
+            raise ValueError(f"{where}.epsilon must be >= 0, got {epsilon!r}")
         if self.density < 1 and not (
             self.density - self.epsilon > 0 and self.density + self.epsilon <= 1
         ):
             raise ValueError(
-                f"method.epsilon must keep density ± epsilon within (0, 1], got density "
+                f"{where}.epsilon must keep density ± epsilon within (0, 1], got density "
                 f"{self.density} and epsilon {self.epsilon} (keep-probabilities "
                 f"{self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
             )
-        self.rescale = check_choice(rescale, "method.rescale", RESCALES)
+        self.rescale = check_choice(rescale, f"{where}.rescale", RESCALES)
 
     def one(self, name: str, expert: str, tau: Tensor) -> tuple[Tensor, Tensor]:
         if self.density >= 1:
@@ -202,8 +209,9 @@ class DELLA(TaskVectorMerge):
         if not isinstance(sign_election, bool):
             raise ValueError(f"method.sign_election must be true or false, got {sign_election!r}")
         self.sign_election = sign_election
-        combine = DisjointMean() if sign_election else Sum()
-        super().__init__(Magprune(density, epsilon, rescale), combine, Fixed(scaling, weights))
+        transform = Magprune(density, epsilon, rescale, where="method")
+        combine = DisjointMean(where="method") if sign_election else Sum()
+        super().__init__(transform, combine, Fixed(scaling, weights, where="method"))
 
     def report(self) -> dict[str, Any]:
         return {

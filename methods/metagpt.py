@@ -166,12 +166,16 @@ class MetaGPT(TaskVectorMerge):
     ) -> None:
         base_method = "none" if base_method is None else base_method  # YAML null
         self.base_method = check_choice(base_method, "method.base_method", BASE_METHODS)
-        trim = MagnitudeTrim(density, trim_scope)  # validated whichever variant runs
-        drop = RandomDrop(drop_rate)
+        trim = MagnitudeTrim(density, trim_scope, where="method")  # validated in every variant
+        drop = RandomDrop(drop_rate, where="method")
         transform: Transform = {"none": Identity(), "ties": trim, "dare": drop}[base_method]
-        combine = DisjointMean() if base_method == "ties" else Sum()
+        combine = DisjointMean(where="method") if base_method == "ties" else Sum()
         super().__init__(transform, combine, MetaGPTCoefficients())
-        self.density, self.trim_scope, self.drop_rate = density, trim_scope, drop_rate
+        self.density, self.trim_scope, self.drop_rate = (
+            trim.density,
+            trim.trim_scope,
+            drop.drop_rate,
+        )
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"base_method": self.base_method, **self.coefficients.report()}

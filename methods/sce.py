@@ -132,8 +132,8 @@ class VarianceSelect(Transform):
     """The transform piece: every τ_k zeroed outside :func:`sce_select_mask` (the entries of
     largest variance across the experts, ⌊``select_topk`` · #{var ≠ 0}⌋ of them)."""
 
-    def __init__(self, select_topk: float = 0.1) -> None:
-        self.select_topk = check_unit_interval(select_topk, "method.select_topk", open_low=True)
+    def __init__(self, select_topk: float = 0.1, *, where: str = "method.transform") -> None:
+        self.select_topk = check_unit_interval(select_topk, f"{where}.select_topk", open_low=True)
 
     def apply(self, name: str, taus: Mapping[str, Tensor]) -> dict[str, Tensor]:
         select = sce_select_mask(list(taus.values()), self.select_topk)

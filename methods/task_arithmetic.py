@@ -49,4 +49,4 @@ class TaskArithmetic(TaskVectorMerge):
         scaling: float = 0.3,
         weights: Mapping[str, float] | Sequence[float] | None = None,
     ) -> None:
-        super().__init__(Identity(), Sum(), Fixed(scaling, weights))
+        super().__init__(Identity(), Sum(), Fixed(scaling, weights, where="method"))

@@ -44,9 +44,16 @@ class TaskVectorMerge(MergeMethod):
         ):
             if not isinstance(piece, kind):
                 raise ValueError(
-                    f"method.{what} must be a {kind.__name__} from core.pieces (a config with "
-                    f"a _target_, e.g. method/{what}=...), got {type(piece).__name__}"
+                    f"method.{what} must be a core.pieces.{kind.__name__} (a config with a "
+                    f"_target_: pick one with method/{what}=...), got {type(piece).__name__}"
                 )
+            owner = getattr(piece, "_merge", None)
+            if owner is not None and owner is not self:
+                raise ValueError(
+                    f"method.{what}: this {type(piece).__name__} already belongs to another "
+                    "merge (pieces keep per-merge statistics); build a new one"
+                )
+            piece._merge = self
         self.transform = transform
         self.combine = combine
         self.coefficients = coefficients
@@ -82,4 +89,20 @@ class TaskVectorMerge(MergeMethod):
         return self.combine(base, list(vectors.values()), self.coefficients.scaling, weights)
 
     def report(self) -> dict[str, Any]:
-        return {**self.coefficients.report(), **self.transform.report(), **self.combine.report()}
+        """The pieces' reports in one mapping; a key two pieces both report (e.g. a drop's
+        and the consensus mask's ``kept_fraction``) is kept once per piece, as
+        ``transform.kept_fraction`` and ``combine.kept_fraction``."""
+        parts = {
+            "coefficients": self.coefficients.report(),
+            "transform": self.transform.report(),
+            "combine": self.combine.report(),
+        }
+        seen: dict[str, int] = {}
+        for rep in parts.values():
+            for k in rep:
+                seen[k] = seen.get(k, 0) + 1
+        return {
+            (f"{what}.{k}" if seen[k] > 1 else k): v
+            for what, rep in parts.items()
+            for k, v in rep.items()
+        }

@@ -96,7 +96,7 @@ class TIES(TaskVectorMerge):
         sign_vote: str = "unweighted",
     ) -> None:
         super().__init__(
-            transform=MagnitudeTrim(density, trim_scope, keep_count),
-            combine=DisjointMean(sign_vote),
-            coefficients=Fixed(scaling, weights),
+            transform=MagnitudeTrim(density, trim_scope, keep_count, where="method"),
+            combine=DisjointMean(sign_vote, where="method"),
+            coefficients=Fixed(scaling, weights, where="method"),
         )

@@ -3,7 +3,9 @@ passes, and ``method=task_vector`` compositions that equal the named methods bit
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +72,7 @@ def test_random_drop_l1_rescale_by_hand():
     inverse = RandomDrop(0.5)
     inverse.setup(["a"], seed=4)
     assert torch.equal(inverse.apply("w", {"a": tau})["a"], kept * 2.0)
-    with pytest.raises(ValueError, match="method.rescale must be one of"):
+    with pytest.raises(ValueError, match="method.transform.rescale must be one of"):
         RandomDrop(0.5, rescale="l2")
 
 
@@ -107,10 +109,51 @@ def test_kept_counter():
 
 
 def test_a_piece_must_be_a_piece():
-    with pytest.raises(ValueError, match="method.transform must be a Transform"):
+    with pytest.raises(ValueError, match="method.transform must be a core.pieces.Transform"):
         TaskVectorMerge("trim", Sum(), Fixed())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="method.coefficients must be a Coefficients"):
+    with pytest.raises(ValueError, match="method.coefficients must be a core.pieces.Coeff"):
         TaskVectorMerge(Identity(), Sum(), {"scaling": 1.0})  # type: ignore[arg-type]
+    trim = MagnitudeTrim(0.3)
+    TaskVectorMerge(trim, Sum(), Fixed())
+    with pytest.raises(ValueError, match="already belongs to another merge"):
+        TaskVectorMerge(trim, Sum(), Fixed())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["method.transform.trim_scope=layer"], "method.transform.trim_scope must be one of"),
+        (["method.transform.density=0"], r"method.transform.density must be in \(0, 1\]"),
+        (["method.combine.sign_vote=x"], "method.combine.sign_vote must be one of"),
+        (["method.coefficients.scaling=.inf"], "method.coefficients.scaling"),
+        (["method/transform=drop", "method.transform.drop_rate=1"], "method.transform.drop_rate"),
+    ],
+)
+def test_composed_options_are_named_by_their_config_path(overrides, match):
+    with pytest.raises(Exception, match=match):
+        instantiate_overrides(["method=task_vector", *overrides])
+
+
+def test_weights_errors_name_the_piece_option():
+    m = instantiate_overrides(["method=task_vector", "method.coefficients.weights={nobody: 1}"])
+    with pytest.raises(ValueError, match="method.coefficients.weights names unknown experts"):
+        m.setup(["math", "code"], 0)
+    ties = instantiate_overrides(["method=ties", "method.weights={nobody: 1}"])
+    with pytest.raises(ValueError, match="^method.weights names unknown experts"):
+        ties.setup(["math", "code"], 0)
+
+
+def test_colliding_report_keys_are_kept_per_piece():
+    base, experts = _pool()
+    m = instantiate_overrides(
+        ["method=task_vector", "method/transform=drop", "method/combine=consensus"]
+    )
+    drive(m, base, experts, seed=1)
+    rep = m.report()
+    assert "kept_fraction" not in rep
+    assert set(rep["transform.kept_fraction"]) == set(experts)
+    assert isinstance(rep["combine.kept_fraction"], float)
+    assert set(instantiate_overrides(["method=ties"]).report()) >= {"weights", "kept_fraction"}
 
 
 COMPOSED = [
@@ -128,7 +171,7 @@ COMPOSED = [
         ["method=ties", "method.trim_scope=per_tensor", "method.keep_count=floor"],
         [
             "method=task_vector",
-            "method.transform.scope=per_tensor",
+            "method.transform.trim_scope=per_tensor",
             "method.transform.keep_count=floor",
         ],
     ),
@@ -280,6 +323,8 @@ def test_learned_coefficients_per_tensor_and_per_layer_group_by_hand(tmp_path):
     assert torch.equal(out["model.layers.3.mlp.up_proj.weight"], torch.tensor([0.75, 0.25]))
     assert torch.equal(out["model.norm.weight"], torch.tensor([0.5, 0.5]))
     assert coef.report()["weights_kind"] == "per_layer_group"
+    digest = hashlib.sha256(Path(coef.path).read_bytes()).hexdigest()
+    assert coef.report()["weights_sha256"] == digest
 
 
 def test_learned_coefficients_errors_name_the_option(tmp_path):

@@ -300,6 +300,6 @@ def test_yaml_instantiates():
     m = instantiate_conf("ties")
     assert isinstance(m, TIES) and m.name == "ties"
     trim = m.transform
-    assert (trim.density, trim.scope, trim.keep_count) == (0.2, "global", "ceil")
+    assert (trim.density, trim.trim_scope, trim.keep_count) == (0.2, "global", "ceil")
     assert (m.coefficients.scaling, m.coefficients.weights_option) == (1.0, None)
     assert m.stat_passes == 2
