@@ -33,6 +33,15 @@ def weighted_sum(
     return acc
 
 
+def weighted_task_sum(
+    base: Tensor, experts: Iterable[Tensor], weights: Sequence[float] | None = None
+) -> Tensor:
+    """Σ w_k (θ_k − θ0), one difference in memory at a time (equal weights 1.0 when
+    ``None``)."""
+    experts = list(experts)
+    return weighted_sum(base, (t - base for t in experts), len(experts), weights, "experts")
+
+
 def sum_combine(
     base: Tensor,
     vectors: Sequence[Tensor],

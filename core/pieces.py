@@ -26,10 +26,7 @@ the method that holds them, so a Hydra config can combine any of them
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +42,7 @@ from core.options import (
     check_weights_option,
     resolve_weights,
 )
+from core.reports import read_method_report
 from core.trim import (
     KEEP_COUNTS,
     TRIM_SCOPES,
@@ -334,15 +332,8 @@ class LearnedCoefficients(Coefficients):
         self.scaling = check_finite(scaling, f"{where}.scaling")
         self.where = f"{where}.path"
         where = f"{self.where} {self.path!r}"
-        try:
-            raw = Path(self.path).expanduser().read_bytes()
-            data = json.loads(raw)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{where}: cannot read a JSON record ({err})") from err
-        self.file_sha256 = hashlib.sha256(raw).hexdigest()
-        self.source = (data.get("method") or {}).get("name") if isinstance(data, dict) else None
-        report = data.get("method", {}).get("report") if "method" in data else data
-        if not isinstance(report, Mapping):
+        report, self.source, self.file_sha256 = read_method_report(self.path, self.where)
+        if report is None:
             raise ValueError(f"{where} holds no method report")
         coefs, scale = report.get("coefficients"), report.get("scale")
         if isinstance(coefs, Mapping) and coefs:

@@ -54,7 +54,6 @@ AdaMerging++ with global trimming gets TIES' two statistics passes for its thres
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,7 @@ from core.combine import agreeing_entries
 from core.lm import encode_prompts, last_token_entropy, pad_id_of, right_pad
 from core.options import check_choice, check_finite, check_int, check_unit_interval
 from core.pieces import MagnitudeTrim
+from core.reports import read_method_report
 from core.trim import (
     TRIM_SCOPES,
     global_trim_threshold,
@@ -121,21 +121,13 @@ def disjoint_task_vectors(taus: Sequence[Tensor], thresholds: Sequence[float]) -
 
 def load_report(path: str | Path) -> dict[str, Any]:
     """A method report from a ``result.json`` (``method.report``) or a bare report JSON."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"method.coefficients_path {str(path)!r} is not a file")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"method.coefficients_path {str(path)!r}: not valid JSON ({err})") from err
-    if isinstance(data, dict) and "coefficients" not in data:
-        data = (data.get("method") or {}).get("report")
-    if not isinstance(data, dict) or not isinstance(data.get("coefficients"), dict):
+    report = read_method_report(path, "method.coefficients_path").report
+    if report is None or not isinstance(report.get("coefficients"), dict):
         raise ValueError(
             f"method.coefficients_path {str(path)!r} holds no AdaMerging coefficients: give a "
             "result.json of an AdaMerging cell or a JSON file with its report"
         )
-    return data
+    return report
 
 
 # ------------------------------------------------------------------------ plugin

@@ -37,10 +37,10 @@ from typing import Any
 
 from torch import Tensor
 
+from core.combine import weighted_task_sum
 from core.layers import block_index, layer_group
 from core.options import check_choice, check_finite, check_weights_option, resolve_weights
 from methods.base import MergeMethod
-from methods.task_arithmetic import weighted_task_sum
 
 OUTSIDE_BLOCKS = ("alpha", "by_depth")
 

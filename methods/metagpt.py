@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.combine import weighted_task_sum
 from core.options import check_choice
 from core.pieces import (
     Coefficients,
@@ -104,10 +105,7 @@ def metagpt_merge(base: Tensor, experts: Sequence[Tensor], lambdas: Sequence[flo
     experts = list(experts)
     if len(lambdas) != len(experts):
         raise ValueError(f"got {len(lambdas)} coefficients for {len(experts)} experts")
-    acc = torch.zeros_like(base)
-    for lam, t in zip(lambdas, experts, strict=True):
-        acc.add_(t - base, alpha=float(lam))
-    return base + acc
+    return base + weighted_task_sum(base, experts, lambdas)
 
 
 class MetaGPTCoefficients(Coefficients):
@@ -180,10 +178,7 @@ class MetaGPT(TaskVectorMerge):
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"base_method": self.base_method, **self.coefficients.report()}
         if self.base_method == "ties":
-            out["density"] = self.density
-            out["trim_scope"] = self.trim_scope
-            out.update(self.transform.report())
+            out.update(density=self.density, trim_scope=self.trim_scope)
         if self.base_method == "dare":
             out["drop_rate"] = self.drop_rate
-            out.update(self.transform.report())
-        return out
+        return {**out, **self.transform.report()}  # Identity reports nothing

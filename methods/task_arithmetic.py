@@ -10,17 +10,9 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-from core.combine import weighted_sum
+from core.combine import weighted_task_sum
 from core.pieces import Fixed, Identity, Sum
 from methods.task_vector import TaskVectorMerge
-
-
-def weighted_task_sum(
-    base: Tensor, experts: Sequence[Tensor], weights: Sequence[float] | None = None
-) -> Tensor:
-    """Σ w_k (θ_k − θ0) (equal weights 1.0 when ``None``)."""
-    experts = list(experts)
-    return weighted_sum(base, (t - base for t in experts), len(experts), weights, "experts")
 
 
 def task_arithmetic(

@@ -12,8 +12,8 @@ MetaGPT's coefficients over DARE drops with TIES' election:
     mergelab method=task_vector method/transform=drop method/combine=disjoint_mean \\
         method/coefficients=metagpt
 
-Task arithmetic, TIES, DARE, Breadcrumbs, DELLA, Consensus TA and MetaGPT are this class with their
-pieces fixed (and their own flat options), so a composition that names the same pieces
+Task arithmetic, TIES, DARE, Breadcrumbs, DELLA, Consensus TA and MetaGPT are this class
+with their pieces fixed (and their own flat options), so a composition that names the same pieces
 and options gives the same weights bit for bit (tests/unit/test_task_vector.py).
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
-from core.combine import weighted_sum
+from core.combine import weighted_task_sum
 from core.pieces import Coefficients, Combine, Identity, Passes, Sum, Transform
 from methods.base import MergeMethod, task_vectors
 
@@ -80,9 +80,8 @@ class TaskVectorMerge(MergeMethod):
         weights = self.coefficients.weights(name, list(experts))
         if type(self.transform) is Identity and type(self.combine) is Sum:
             # the same sum, one difference in memory at a time
-            diffs = (t - base for t in experts.values())
-            return base + self.coefficients.scaling * weighted_sum(
-                base, diffs, len(experts), weights, "experts"
+            return base + self.coefficients.scaling * weighted_task_sum(
+                base, experts.values(), weights
             )
         taus = dict(zip(experts, task_vectors(base, experts), strict=True))
         vectors = self.transform.apply(name, taus)
