@@ -1,9 +1,10 @@
 """Tensor sources: one checkpoint or one LoRA adapter over a base, read tensor by tensor.
 
-Checkpoints are Hugging Face directories (hub ids are resolved to
-directories by the pool): safetensors shards preferred, ``pytorch_model.bin`` read with
-``weights_only=True``. A LoRA adapter's tensors are materialised one at a time as
-W0 + s·B·A (added in float32, rounded once), so a LoRA expert streams like a full one.
+Checkpoints are Hugging Face directories (hub ids are resolved to directories by the
+pool): safetensors shards preferred, ``pytorch_model.bin`` read with ``weights_only=True``
+(a pickle holding anything but tensors is refused, never unpickled). A LoRA adapter's
+tensors are materialised one at a time as W0 + s·B·A (added in float32, rounded once), so
+a LoRA expert streams like a full one.
 
 Broken files fail loudly when the source is opened (every shard's header is read then):
 a ``PoolError`` naming the member, the file and the fix.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +58,7 @@ _REFETCH = (
 
 
 # What torch.load raises on a truncated or corrupted pytorch_model.bin (OSError: mmap).
-_BAD_BIN = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
+_BAD_BIN = (RuntimeError, EOFError, OSError)
 
 
 def member_label(member: str | None, directory: Path) -> str:
@@ -73,6 +75,30 @@ def reading(who: str, path: Path, *errors: type[BaseException]) -> Iterator[None
         raise PoolError(
             f"{who}: cannot read {path} ({type(err).__name__}: {err}). {_REFETCH}"
         ) from err
+
+
+def load_bin(who: str, path: Path) -> dict[str, Tensor]:
+    """A ``.bin`` state dict through ``torch.load(weights_only=True)``, memory-mapped when it
+    is in torch's zip format (a legacy pre-1.6 file cannot be mapped, so it is read whole).
+    A pickle the weights-only unpickler refuses is a ``PoolError`` naming the file, the
+    refused object and the conversion fix; a truncated file is named as broken."""
+    with reading(who, path, *_BAD_BIN):
+        try:
+            return torch.load(
+                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+            )
+        except pickle.UnpicklingError as err:
+            refused = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+            converted = path.name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+            raise PoolError(
+                f"{who}: {path} was refused by torch.load(weights_only=True) "
+                f"({refused.group(1) if refused else err}): the file pickles objects other "
+                "than tensors (or its pickle is corrupted), and mergelab never unpickles "
+                "arbitrary objects. If you trust the file, convert it once to safetensors "
+                "(safetensors.torch.save_file(torch.load(path, weights_only=False), "
+                f"'{converted}') in its directory) and remove the .bin; otherwise "
+                "re-download it."
+            ) from err
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -117,17 +143,28 @@ class CheckpointSource(TensorSource):
         self.directory = directory
         self._who = member_label(member, directory)
         self._where: dict[str, Path] = {}
+        self._bin: dict[str, Tensor] = {}
         self._bin_file: dict[str, Path] = {}
         index = directory / "model.safetensors.index.json"
         single = directory / "model.safetensors"
         if index.is_file():
-            bad_index = (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError)
+            bad_index = (
+                json.JSONDecodeError,
+                UnicodeDecodeError,
+                KeyError,
+                TypeError,
+                AttributeError,
+            )
             with reading(self._who, index, *bad_index):
                 weight_map = json.loads(index.read_text())["weight_map"]
                 self._where = {k: directory / v for k, v in weight_map.items()}
-            missing = sorted({p for p in self._where.values() if not p.is_file()})
+            missing = sorted({str(p) for p in self._where.values() if not p.is_file()})
             if missing:
-                raise PoolError(f"{self._who} lists shards that are missing: {missing}")
+                raise PoolError(
+                    f"{self._who}: {index} lists shards that are missing: {few(missing)}. "
+                    "Copy or re-download the missing shards (for a hub id, delete it from the HF "
+                    "cache first)."
+                )
             for shard in sorted(set(self._where.values())):
                 self._check_shard(shard, index)
         elif single.is_file():
@@ -136,16 +173,17 @@ class CheckpointSource(TensorSource):
             bins = sorted(directory.glob("pytorch_model*.bin"))
             if not bins:
                 raise PoolError(
-                    f"no weights in {directory}: expected model.safetensors, "
-                    "model.safetensors.index.json or pytorch_model*.bin"
+                    f"{self._who} has no weights (model.safetensors, "
+                    "model.safetensors.index.json or pytorch_model*.bin): point the member at "
+                    "a complete checkpoint directory, or copy its weights there."
                 )
-            self._bin: dict[str, Tensor] = {}
-            for b in bins:  # weights_only: never unpickle arbitrary objects
-                with reading(self._who, b, *_BAD_BIN):
-                    state = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+            for b in bins:
+                state = load_bin(self._who, b)
                 self._bin.update(state)
                 self._bin_file.update(dict.fromkeys(state, b))
-        self.names = list(self._where) if self._where else list(self._bin)
+        self.names = list(self._where or self._bin)
+        if not self.names:
+            raise PoolError(f"{self._who}: its weights hold no tensors. {_REFETCH}")
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
 
     def _keys(self, path: Path) -> list[str]:
@@ -242,7 +280,12 @@ class LoraSource(TensorSource):
         who = member_label(member, adapter_dir)
         cfg_path = adapter_dir / "adapter_config.json"
         if not cfg_path.is_file():
-            raise PoolError(f"{who} has no adapter_config.json; is it a PEFT LoRA adapter?")
+            raise PoolError(
+                f"{who} has no adapter_config.json, so it is not a PEFT LoRA adapter: point "
+                "the expert's 'adapter' at the directory peft's save_pretrained wrote "
+                "(adapter_config.json + adapter_model.safetensors), or use 'path' for a full "
+                "checkpoint."
+            )
         with reading(who, cfg_path, json.JSONDecodeError, UnicodeDecodeError):
             cfg = json.loads(cfg_path.read_text())
         unsupported = sorted(k for k, v in cfg.items() if v and k not in _LORA_INERT_KEYS)
@@ -253,6 +296,13 @@ class LoraSource(TensorSource):
                 f"{who}: adapter {cfg_path} uses {cfg.get('peft_type')} {unsupported}, which "
                 "mergelab does not implement: only plain LoRA (optionally with lora_bias) is "
                 f"supported. {_MERGE_FIRST}"
+            )
+        bad = [k for k in ("r", "lora_alpha") if not _positive_number(cfg.get(k))]
+        if bad:
+            raise PoolError(
+                f"{who}: adapter {cfg_path} has no positive {' or '.join(bad)} "
+                f"({', '.join(f'{k}={cfg.get(k)!r}' for k in bad)}); a LoRA adapter's config "
+                "names both. Re-save the adapter with peft's save_pretrained."
             )
         r = cfg["r"]
         self.scaling = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
@@ -265,13 +315,20 @@ class LoraSource(TensorSource):
                 raw = {k: f.get_tensor(k) for k in f.keys()}
         elif (adapter_dir / "adapter_model.bin").is_file():
             self.weights = adapter_dir / "adapter_model.bin"
-            with reading(who, self.weights, *_BAD_BIN):
-                raw = torch.load(self.weights, map_location="cpu", weights_only=True)
+            raw = load_bin(who, self.weights)
         else:
-            raise PoolError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
+            raise PoolError(
+                f"{who} has no adapter_model.safetensors or adapter_model.bin: copy the "
+                "adapter's weights next to its adapter_config.json (peft's save_pretrained "
+                "writes both)."
+            )
         self.pairs: dict[str, tuple[Tensor, Tensor]] = {}
         self.biases: dict[str, Tensor] = {}  # target bias name → lora_B's bias
         base_names = set(base.names)
+        trained_on = (
+            "List the adapter over the base it was trained on (its adapter_config.json says "
+            f"base_model_name_or_path={cfg.get('base_model_name_or_path')!r}) as model.base."
+        )
 
         def target(key: str, suffix: str, kind: str) -> str:
             name = re.sub(r"^base_model\.model\.", "", key).replace(suffix, f".{kind}")
@@ -279,19 +336,22 @@ class LoraSource(TensorSource):
                 why = (
                     "the adapter was trained with lora_bias=True on a layer whose base has no bias"
                     if kind == "bias"
-                    else "was the adapter trained on a different base model?"
+                    else "the adapter was trained on a different base model"
                 )
                 raise PoolError(
                     f"{who}: adapter {self.weights} targets {name!r}, which the base does not "
-                    f"have; {why}"
+                    f"have; {why}. {trained_on}"
                 )
             return name
 
         for key, t in raw.items():
             if key.endswith(".lora_A.weight"):
                 b_key = key.replace(".lora_A.", ".lora_B.")
-                if b_key not in raw:
-                    raise PoolError(f"{who}: adapter {self.weights} has {key!r} but no {b_key!r}")
+                if b_key not in raw or raw[b_key].shape[1] != t.shape[0]:
+                    raise PoolError(
+                        f"{who}: adapter {self.weights} has {key!r} but no {b_key!r} of the "
+                        f"same rank. {_REFETCH}"
+                    )
                 self.pairs[target(key, ".lora_A.weight", "weight")] = (t, raw[b_key])
             elif key.endswith(".lora_B.bias"):
                 self.biases[target(key, ".lora_B.bias", "bias")] = t
@@ -301,6 +361,24 @@ class LoraSource(TensorSource):
                     f"weight or lora_B bias; mergelab does not implement that adapter feature. "
                     f"{_MERGE_FIRST}"
                 )
+        shapes = [
+            f"{name}: base {base.shape(name)} vs adapter {delta}"
+            for name, delta in self._delta_shapes()
+            if delta != base.shape(name)
+        ]
+        if shapes:
+            raise PoolError(
+                f"{who}: adapter {self.weights} does not fit the base's shapes ({few(shapes)}); "
+                f"the adapter was trained on a different base model. {trained_on}"
+            )
+
+    def _delta_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """Each target's shape as the adapter would write it (s·B·A, or lora_B's bias)."""
+        for name, (a, b) in self.pairs.items():
+            delta = (b.shape[0], a.shape[1])
+            yield name, delta[::-1] if self.fan_in_fan_out else delta
+        for name, bias in self.biases.items():
+            yield name, tuple(bias.shape)
 
     def file(self, name: str) -> Path:
         """The adapter's weights for a tensor it changes, else the base's file."""
@@ -325,6 +403,10 @@ class LoraSource(TensorSource):
 
     def dtype(self, name: str) -> torch.dtype:
         return self.base.dtype(name)
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def few(items: Sequence[str], n: int = 8) -> str:

@@ -8,9 +8,10 @@ curve returned.
   trainable, e.g. a PEFT model's adapter). Optional: ``log(metrics, step)`` for loss
   curves (the runner passes ``FitContext.log`` → W&B), and ``checkpoint_dir`` +
   ``checkpoint_every``: the trainable weights, optimizer, scheduler, step, losses and every
-  RNG state (the batch sampler's and torch's) are saved atomically to one file, and a
-  later call with the same directory resumes from it, ending bit-identical to an
-  uninterrupted run.
+  RNG state (the batch sampler's and torch's) are saved atomically as safetensors plus a
+  JSON record (:mod:`core.checkpoint`: never unpickled; a legacy ``checkpoint.pt`` is
+  refused), and a later call with the same directory resumes from it, ending
+  bit-identical to an uninterrupted run.
 - :func:`finetune_lora` wraps the model in a PEFT LoRA adapter (``target_modules``
   configurable), trains only the adapter and returns the ``PeftModel``
   (``save_pretrained`` writes the adapter alone).
@@ -41,7 +42,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-CHECKPOINT_FILE = "checkpoint.pt"
+from core.checkpoint import read_checkpoint, write_checkpoint
+
+CHECKPOINT_FILE = "checkpoint.json"  # the record; see core.checkpoint
 SCHEDULES = ("constant", "linear")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -176,8 +179,8 @@ def finetune(
     losses: list[float] = []
     tokens = 0
     start_step, prior_seconds = 0, 0.0
-    if ckpt is not None and ckpt.is_file():
-        state = _load_checkpoint(ckpt, model, opt, sched, sampler, meta, device)
+    state = _load_checkpoint(ckpt, model, opt, sched, sampler, meta, device) if ckpt else None
+    if state is not None:
         start_step, losses, tokens = state["step"], list(state["losses"]), state["tokens"]
         prior_seconds = state["seconds"]
     start = time.perf_counter()
@@ -259,7 +262,18 @@ def _trainable_state(model: torch.nn.Module, names_only: bool = False):
     return {k: v.detach().cpu().clone() for k, v in items}
 
 
-def _save_checkpoint(path, model, opt, sched, sampler, meta, step, losses, tokens, seconds):
+def _save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    sampler: BatchSampler,
+    meta: dict[str, Any],
+    step: int,
+    losses: list[float],
+    tokens: int,
+    seconds: float,
+) -> None:
     state = {
         "meta": meta,
         "step": step,
@@ -273,17 +287,23 @@ def _save_checkpoint(path, model, opt, sched, sampler, meta, step, losses, token
         "tokens": tokens,
         "seconds": seconds,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a reader sees the old checkpoint or the new one
+    write_checkpoint(path, state)  # atomic: a reader sees the old checkpoint or the new one
 
 
-def _load_checkpoint(path, model, opt, sched, sampler, meta, device) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def _load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    sampler: BatchSampler,
+    meta: dict[str, Any],
+    device: str,
+) -> dict[str, Any] | None:
+    """Restore the training state saved at ``path`` into the live objects and return it
+    (None when there is no checkpoint yet)."""
+    state = read_checkpoint(path)
+    if state is None:
+        return None
     if state["meta"] != meta:
         raise ValueError(
             f"checkpoint {path} was written by another training run ({state['meta']} vs "

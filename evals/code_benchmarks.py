@@ -5,22 +5,23 @@ evaluating process (through Hugging Face ``evaluate``'s ``code_eval``, which nee
 ``HF_ALLOW_CODE_EVAL=1`` and ``confirm_run_unsafe_code``). mergelab's versions,
 ``mergelab_humaneval`` and ``mergelab_mbpp`` (task YAMLs in ``evals/tasks/``, found through
 ``include_path: ${lm_eval_tasks:}``), read the same hub datasets with the same prompts and
-stop sequences, and run every program with :func:`evals.sandbox.run_many`: each in a
-fresh child process with CPU, memory and file-size limits, no network, an empty
-environment and a throw-away working directory. They are not marked ``unsafe_code``,
+stop sequences, and run every program with :func:`evals.sandbox.run_many`: each in its
+own OS sandbox (bubblewrap: no network, no host files but the interpreter, a private tmpfs,
+CPU, memory and file-size limits, an empty environment), the hidden tests after the
+solution. They are not marked ``unsafe_code``,
 because nothing unsafe runs in the harness's own process.
 
 Decisions (greedy decoding, one sample, so pass@1 is the fraction of problems passed):
 
-* HumanEval (``openai/openai_humaneval``, 0-shot): program = prompt + completion + the
-  problem's ``test`` + ``check(<entry_point>)``; stops at a new top-level ``class``, ``def``,
+* HumanEval (``openai/openai_humaneval``, 0-shot): solution = prompt + completion, tests =
+  the problem's ``test`` + ``check(<entry_point>)``; stops at a new top-level ``class``, ``def``,
   ``#``, ``if`` or ``print``, as lm-eval's task does.
 * MBPP (``google-research-datasets/mbpp``, config ``full``, 3-shot by default): prompt "You
   are an expert Python programmer, and here is your task: <text> Your code should pass
   these tests:\\n\\n<3 asserts>\\n[BEGIN]\\n", generation until ``[DONE]``; the few-shot
   examples are problems 2, 3 and 4 of the dataset's ``prompt`` split (the original paper's
-  convention, as in lm-eval). Program = ``test_setup_code`` + completion + the asserts of
-  ``test_list`` (``challenge_test_list`` is not used).
+  convention, as in lm-eval). Solution = ``test_setup_code`` + completion, tests = the
+  asserts of ``test_list`` (``challenge_test_list`` is not used).
 * Limits per program: :data:`TIMEOUT_S` wall-clock seconds and :data:`MEMORY_MB` MiB.
 * The programs run in an lm-eval custom filter (:func:`filter_humaneval`,
   :func:`filter_mbpp`; ``filter_list`` entry named ``none``, so the metric key stays
@@ -31,10 +32,10 @@ Decisions (greedy decoding, one sample, so pass@1 is the fraction of problems pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from evals.suite.scoring import code_outcome, sandbox_outcomes
+from evals.suite.scoring import Program, code_outcome, sandbox_outcomes
 
 __all__ = [
     "MBPP_FEWSHOT_IDS",
@@ -54,16 +55,16 @@ MEMORY_MB = 1024
 MBPP_FEWSHOT_IDS = (2, 3, 4)
 
 
-def humaneval_program(doc: Mapping[str, Any], completion: str) -> str:
-    """The HumanEval program: signature and docstring, the completion, the tests, the call."""
-    return f"{doc['prompt']}{completion}\n\n{doc['test']}\n\ncheck({doc['entry_point']})\n"
+def humaneval_program(doc: Mapping[str, Any], completion: str) -> tuple[str, str]:
+    """HumanEval's ``(solution, tests)``: signature, docstring and completion; the problem's
+    ``check`` and its call."""
+    return f"{doc['prompt']}{completion}\n", f"{doc['test']}\n\ncheck({doc['entry_point']})\n"
 
 
-def mbpp_program(doc: Mapping[str, Any], completion: str) -> str:
-    """The MBPP program: setup code, the completion, then the problem's asserts."""
+def mbpp_program(doc: Mapping[str, Any], completion: str) -> tuple[str, str]:
+    """MBPP's ``(solution, tests)``: setup code and the completion; the problem's asserts."""
     setup = doc.get("test_setup_code") or ""
-    tests = "\n".join(doc["test_list"])
-    return f"{setup}\n{completion}\n\n{tests}\n"
+    return f"{setup}\n{completion}\n", "\n".join(doc["test_list"]) + "\n"
 
 
 def filter_humaneval(resps: Sequence[Any], docs: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -78,9 +79,7 @@ def filter_mbpp(resps: Sequence[Any], docs: Sequence[Mapping[str, Any]]) -> list
     return sandbox_outcomes(resps, docs, mbpp_program, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
 
 
-def _pass_at_1(
-    doc: Mapping[str, Any], results: Any, program: Callable[[Mapping[str, Any], str], str]
-) -> dict[str, float]:
+def _pass_at_1(doc: Mapping[str, Any], results: Any, program: Program) -> dict[str, float]:
     outcome = code_outcome(doc, results, program, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
     return {"pass@1": float(outcome["status"] == "passed")}
 

@@ -1,5 +1,6 @@
 """Console entry points: ``mergelab`` (the Hydra app, one cell per job) and
-``mergelab-collect`` (run directories → tables). Both only parse and hand over."""
+``mergelab-collect`` (run directories → tables). Both only parse and hand over, after
+refusing an override Hydra would silently misread (``model.experts={}``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from core.sources import PoolError  # noqa: E402
 from harness.resolvers import register  # noqa: E402
 from harness.run import run_cell  # noqa: E402
 
@@ -27,10 +29,31 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
+    refuse_empty_experts(list(hc.overrides.task), list(cfg.model.get("experts") or {}))
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     sweep = cfg.get("sweep") or (Path(hc.sweep.dir).name if multirun else None)
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     run_cell(cfg, sweep=sweep, choices=choices)
+
+
+def refuse_empty_experts(overrides: list[str], experts: list[str]) -> None:
+    """Refuse ``model.experts={}``: Hydra merges the empty mapping into the model config's
+    experts, which keeps every one of them (``experts``, as composed), so the override would
+    silently run the full pool. The error names the overrides that do empty or select it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.key_or_group == "model.experts" and not o.is_delete() and o.value() == {}:
+            drop = " ".join(f"~model.experts.{e}" for e in experts[1:])
+            example = f", e.g. {drop} keeps {experts[0]}" if drop else ""
+            raise PoolError(
+                f"{o.input_line} does not empty the pool: Hydra merges an empty mapping into "
+                f"model.experts, so all its experts ({', '.join(experts) or 'none'}) would "
+                "still run. Run with no experts (a method that trains its own) with "
+                f"~model.experts; select experts by dropping the others with "
+                f"~model.experts.NAME{example}; or replace them all with ~model.experts "
+                "+model.experts.NAME.path=DIR."
+            )
 
 
 def main() -> None:

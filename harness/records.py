@@ -4,7 +4,9 @@ A cell is one resolved configuration (method × pool × tasks × eval × seed ×
 id is a hash of exactly those parts, so the same cell in two sweeps is the same directory
 ``<runs_dir>/<cell_id>/`` and is computed once. ``result.json`` is written last and
 atomically: a cell with a complete result is finished; anything else (no record, a torn
-one, ``status: "failed"`` with its ``error``) is redone.
+one, ``status: "failed"`` with its ``error``) is redone. Workers sharing a runs directory
+(sweeps, SLURM array tasks, several hosts) claim a cell before computing it
+(:class:`CellClaim`), so each cell is computed once.
 
 ``result.json`` schema 2 (``SCHEMA``) carries each score's meaning with it, so readers
 never guess a metric's direction from its name or the primary metric from key order::
@@ -23,15 +25,19 @@ never guess a metric's direction from its name or the primary metric from key or
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import platform
+import secrets
+import shutil
+import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -101,19 +107,323 @@ def load_finished(runs_dir: str | Path, cid: str) -> dict[str, Any] | None:
     return record if record.get("status") == "complete" else None
 
 
-@contextmanager
-def cell_lock(runs_dir: str | Path, cid: str) -> Iterator[None]:
-    """An exclusive lock on one cell (``<runs_dir>/.locks/<cid>.lock``, ``flock``): a
-    concurrent sweep reaching a cell another process is computing waits for it, then finds
-    it finished instead of computing it twice. The OS drops the lock if the holder dies."""
-    locks = Path(runs_dir) / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{cid}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+class ClaimLost(RuntimeError):
+    """This worker's claim on a cell was taken over (judged stale while the worker was
+    paused or slow): it must not write to the cell any more."""
+
+
+class CellClaim:
+    """A worker's claim on one cell: ``<runs_dir>/.claims/<cid>.json`` holding the owner's
+    ``host``, ``ns`` (boot id and pid namespace), ``pid``, ``pid_start`` (its start time
+    in clock ticks after boot), ``token``, ``started`` and ``heartbeat`` (Unix seconds).
+
+    Decisions, for runs directories shared by sweeps and SLURM array tasks on several
+    hosts: no ``flock`` (unreliable on network filesystems). The claim is created by
+    hard-linking a fully written temporary file to its name (atomic and exclusive on
+    local and NFS filesystems, and never seen half written).
+
+    Staleness: a claim is stale when its heartbeat is older than ``timeout`` seconds
+    (hosts' clocks must agree to well within ``timeout - heartbeat``) or, on the same
+    host, at once when its process is gone. "Same host" means the same hostname, boot
+    and pid namespace, and "gone" that no process has the pid or the one that has it
+    started at another time (a reused pid). Containers sharing a hostname but not a pid
+    namespace thus rely on the heartbeat timeout only; systems without ``/proc`` trust
+    hostname + pid, so there give such containers distinct hostnames.
+
+    Takeover: a stale claim is renamed aside (of several takers one wins the rename). The
+    winner deletes it if its whole content (token and heartbeat) is still what was judged
+    stale; otherwise its owner refreshed it meanwhile and it is linked back. If another
+    worker claimed the free name in that gap, the put-back fails and the owner finds its
+    claim lost (below); every other taker competes for the free name again.
+
+    Heartbeat and loss: a daemon thread rewrites the claim (temporary file + rename) every
+    ``heartbeat`` seconds, only after reading that it still holds this worker's token.
+    Read-then-rename is not atomic: a takeover landing between the two (microseconds,
+    and only of a claim whose owner stalled past ``timeout``) is overwritten; the taker
+    then finds *its* claim lost, so one worker still holds the cell. A claim seen
+    holding another token is lost for good: the thread sets :attr:`lost` and stops, never
+    writing over it. :meth:`check` (called by the holder before each write to the cell)
+    re-reads the file and raises :class:`ClaimLost` once the claim is someone else's or
+    gone; the holder then writes nothing. :meth:`release` deletes the claim only if it
+    still holds this worker's token (read-then-unlink: the same accepted window).
+
+    Other caches under ``runs_dir`` (``.fit_cache``, the zoo, ``.train_cache``) still use
+    ``flock``: safe on one host; on NFS they rely on the filesystem's lock support.
+    """
+
+    def __init__(self, runs_dir: str | Path, cid: str, *, heartbeat: float, timeout: float):
+        self.cid = cid
+        self.path = Path(runs_dir) / ".claims" / f"{cid}.json"
+        self.heartbeat, self.timeout = float(heartbeat), float(timeout)
+        self.owner = {
+            "host": socket.gethostname(),
+            "ns": _pid_namespace(),
+            "pid": os.getpid(),
+            "pid_start": _proc_start(os.getpid()),
+            "token": secrets.token_hex(6),
+            "started": time.time(),
+        }
+        self.lost = threading.Event()  # set once the claim was seen held by another worker
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def acquire(self, done: Callable[[], bool]) -> bool:
+        """Claim the cell, waiting while a live worker holds it (a message when the wait
+        starts, and on each takeover). False, without a claim, once ``done()`` is true,
+        whether that is seen while waiting or right after claiming."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        waited_on = None
+        while True:
+            if self._link():
+                if done():
+                    self.release()
+                    return False
+                self._hold()
+                return True
+            if done():
+                return False
+            held = self._read(self.path)
+            if held is None:  # released, or moved aside by a taker: try again
+                continue
+            reason = self._stale(held)
+            if reason:
+                self._take_over(held, reason)
+                continue
+            if held["token"] != waited_on:
+                waited_on = held["token"]
+                print(
+                    f"[mergelab] wait {self.cid}: claimed by {held['host']} pid {held['pid']} "
+                    f"(heartbeat {time.time() - held['heartbeat']:.0f} s ago); polling"
+                )
+            time.sleep(min(self.heartbeat, 1.0))
+
+    def try_acquire(self) -> bool:
+        """Claim the cell without waiting: True if it was free or its claim stale (taken
+        over), False while a live worker holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._link():
+            held = self._read(self.path)
+            if held is not None:
+                reason = self._stale(held)
+                if reason is None:
+                    return False
+                self._take_over(held, reason)
+            if not self._link():
+                return False
+        self._hold()
+        return True
+
+    def check(self) -> None:
+        """Raise :class:`ClaimLost` unless this worker still holds the claim."""
+        if (lost := self.loss()) is not None:
+            raise lost
+
+    def loss(self) -> ClaimLost | None:
+        """``None`` while this worker holds the claim, else the :class:`ClaimLost` to
+        raise. Once lost, always lost; else the file decides (read once more after a
+        moment if missing: a taker may be putting it back)."""
+        held = self._read(self.path)
+        if not self.lost.is_set():
+            if held is None:
+                time.sleep(min(self.heartbeat, 0.2))
+                held = self._read(self.path)
+            if held is not None and held["token"] == self.owner["token"]:
+                return None
+            self.lost.set()
+        now = f"{held['host']} pid {held['pid']} holds it" if held else "it was deleted"
+        return ClaimLost(
+            f"the claim on cell {self.cid} was taken over ({now}), judged stale while this "
+            "worker was paused or slow; it writes nothing to the cell"
+        )
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the claim if it is still this worker's."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        held = self._read(self.path)
+        if held is not None and held["token"] == self.owner["token"]:
+            self.path.unlink(missing_ok=True)
+
+    def _hold(self) -> None:
+        """Just claimed: clear old leftovers and start the heartbeat."""
+        self._sweep_leftovers()
+        self._beat = threading.Thread(target=self._beating, daemon=True)
+        self._beat.start()
+
+    def _temp(self) -> Path:
+        """The owner's data with a fresh heartbeat, written and fsynced beside the claim."""
+        tmp = self.path.with_name(f".{self.cid}.{self.owner['token']}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({**self.owner, "heartbeat": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def _link(self) -> bool:
+        tmp = self._temp()
         try:
-            yield
+            return _link_new(tmp, self.path)
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            tmp.unlink(missing_ok=True)
+
+    def _beating(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            try:  # written before the check, so only read → rename is an open window
+                tmp = self._temp()
+            except OSError:
+                continue  # a missed beat only ages the claim
+            held = self._read(self.path)
+            if held is not None and held["token"] == self.owner["token"]:
+                with suppress(OSError):
+                    os.replace(tmp, self.path)
+                continue
+            tmp.unlink(missing_ok=True)
+            if held is not None:  # another worker's: lost for good, never written over
+                self.lost.set()
+                return
+            # missing: set aside by a taker, maybe to be put back; never recreated
+
+    def _sweep_leftovers(self) -> None:
+        """Delete this cell's temporary and set-aside claim files older than ``timeout``
+        (their writers died between two steps; live ones exist for microseconds)."""
+        folder = self.path.parent
+        for junk in [*folder.glob(f".{self.cid}.*.tmp"), *folder.glob(f"{self.path.name}.stale-*")]:
+            with suppress(OSError):
+                if time.time() - junk.stat().st_mtime > self.timeout:
+                    junk.unlink()
+
+    def _stale(self, held: dict[str, Any]) -> str | None:
+        age = time.time() - held["heartbeat"]
+        if age > self.timeout:
+            return f"no heartbeat for {age:.0f} s"
+        if (held["host"], held.get("ns")) != (self.owner["host"], self.owner["ns"]):
+            return None
+        if not _pid_alive(held["pid"]):
+            return "its process is gone"
+        start = _proc_start(held["pid"])  # None: hidden (hidepid) or just exited
+        if start is not None and start != held.get("pid_start"):
+            return "its process is gone (pid reused)"
+        return None
+
+    def _take_over(self, held: dict[str, Any], reason: str) -> None:
+        aside = self.path.with_name(f"{self.path.name}.stale-{self.owner['token']}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another taker moved it first
+        if self._read(aside) == held:
+            print(
+                f"[mergelab] take over {self.cid}: the claim of {held['host']} pid "
+                f"{held['pid']} is stale ({reason})"
+            )
+        elif not _link_new(aside, self.path):  # refreshed after being judged: give it back
+            print(
+                f"[mergelab] {self.cid}: the claim of {held['host']} pid {held['pid']} was "
+                "refreshed while being taken over and another worker claimed the cell "
+                "meanwhile; its owner will find its claim lost"
+            )
+        aside.unlink(missing_ok=True)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        """The claim, ``None`` if there is none; one that cannot be parsed (written by
+        something else) reads as an ownerless claim beating at its mtime, so it goes stale."""
+        try:
+            text = path.read_text()
+            mtime = path.stat().st_mtime
+        except OSError:
+            return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return {"host": "", "pid": 0, "token": "", "heartbeat": mtime}
+
+
+def _link_new(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` to the new name ``dst``; False if ``dst`` exists (a retried NFS
+    link that had in fact succeeded counts as done)."""
+    try:
+        os.link(src, dst)
+        return True
+    except FileExistsError:
+        return os.stat(src).st_nlink == 2
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
+
+
+def _pid_namespace() -> str | None:
+    """This boot's id and this process's pid namespace (Linux; ``None`` elsewhere): pids
+    are comparable only between processes that share both."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _proc_start(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks after boot (``/proc/<pid>/stat``
+    field 22; ``None`` if unknown), so a reused pid is not taken for the claim's owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+@contextmanager
+def claimed(
+    runs_dir: str | Path, cid: str, done: Callable[[], bool], *, heartbeat: float, timeout: float
+) -> Iterator[CellClaim | None]:
+    """``with claimed(...) as claim:`` this worker's :class:`CellClaim` on the cell, held
+    until exit, or ``None`` if the cell turned ``done()`` instead."""
+    claim = CellClaim(runs_dir, cid, heartbeat=heartbeat, timeout=timeout)
+    if not claim.acquire(done):
+        yield None
+        return
+    try:
+        yield claim
+    finally:
+        claim.release()
+
+
+def clean_cell(cell_dir: Path) -> None:
+    """Remove what dead writers left in a cell directory: temporary records and partial
+    or set-aside checkpoints. Only the claim holder calls it, so none of it is live."""
+    for junk in [*cell_dir.glob(".result.json.*.tmp"), *cell_dir.glob("merged.*")]:
+        _remove(junk)
+
+
+def clean_own(cell_dir: Path) -> None:
+    """Remove this worker's partial checkpoints only (for a worker that lost its claim:
+    everything else in the cell may be the new holder's)."""
+    for junk in cell_dir.glob(f"merged.partial-{_worker_prefix()}*"):
+        _remove(junk)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _worker_prefix() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
+def worker_suffix() -> str:
+    """``<host>-<pid>-<token>``: names a worker's own partial files and directories."""
+    return f"{_worker_prefix()}{secrets.token_hex(4)}"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -1,31 +1,51 @@
 """One cell: build pool → run method → evaluate → record. Nothing else orchestrates.
 
 Order of work, cheapest checks first so a bad config fails in seconds:
-resolve config → cell id → skip if finished → lock the cell (a concurrent run computing
-it is waited for, then skipped) → validate task names → instantiate the
-method (validates its options) → open the pool and check compatibility → merge (in
-memory, or streamed to a sharded checkpoint) → evaluate the in-memory model → write
-samples, then ``result.json`` atomically → log to W&B (never fatal).
+resolve config → cell id → skip if finished (then, without waiting, drop a dead worker's
+claim and close the cell's W&B run if a kill left it open) → claim the cell
+(``records.CellClaim``: a live worker computing it is waited for, then skipped; a dead
+one's claim is taken over) and delete what dead writers left in it → validate task names
+→ instantiate the method (validates its options) → open the pool and check compatibility
+→ start the cell's W&B run (id = cell id) → merge (in memory, or streamed to this
+worker's partial checkpoint) → evaluate → write samples → swap the checkpoint in (or,
+without one, remove an earlier ``merged/``) → write ``result.json`` atomically → log the
+summary to W&B (never fatal).
 
-Once the record is started (after the checks), any failure writes ``result.json`` with
-``status: "failed"`` and the error's type and message (no scores), then re-raises, so the
-process exits non-zero; a failed cell is never ``complete`` and is redone next time.
+With ``force``, the finished record is demoted (``status: "replacing"``) just before the
+checkpoint is replaced, and the new record written after: a ``complete`` record always
+has the checkpoint it describes, and a kill in between leaves a cell that is redone.
+
+The claim is checked before each of those three writes. A worker whose claim was taken
+over (it stalled past ``claim.timeout``) writes nothing more (no record, not even
+``failed``; only its own partial checkpoint is removed), says so, and waits on the cell
+like any other worker: decision: the worker that took over computes it, so this one
+skips it once finished (exit 0), or takes it over in turn if that worker dies. A forced
+run recomputes the cell after the taker's release (force means "compute it again").
+
+Once the record is started (after the checks), any other failure writes ``result.json``
+with ``status: "failed"`` and the error's type and message (no scores), then re-raises,
+so the process exits non-zero; a failed cell is never ``complete`` and is redone next time.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import re
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from evals import sandbox
 from evals.calibration import calibration_prompts
 from evals.lm_eval import NonFiniteScoreError, evaluate, validate_tasks, write_samples_jsonl
 from harness import records, tracking
@@ -33,7 +53,7 @@ from harness.data import load_texts
 from harness.fit_cache import cached_fit, member_files
 from harness.pool import ModelPool, parse_dtype
 from harness.resolvers import resolve_include_path
-from harness.stream import ShardedCheckpointWriter, execute, model_card
+from harness.stream import ShardedCheckpointWriter, execute, model_card, parse_size
 from methods.base import FitContext, MergeMethod
 
 
@@ -51,6 +71,7 @@ def run_cell(
     ``choices`` (the config group options Hydra composed, e.g. ``{"method": "ties"}``) are
     kept in the record."""
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    check_run_options(c)
     cid = records.cell_id(c)
     runs_dir = Path(c["runs_dir"])
     cell_dir = runs_dir / cid
@@ -58,14 +79,93 @@ def run_cell(
     if c.get("dry_run"):
         _describe(c, cid, finished is not None)
         return finished
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"runs_dir={str(runs_dir)!r} cannot be written ({err}): set runs_dir (or "
+            "MERGELAB_RUNS) to a writable directory"
+        ) from err
     if finished and not c.get("force"):
         print(f"[mergelab] skip {cid}: finished ({records.result_path(runs_dir, cid)})")
-        return finished
-    with records.cell_lock(runs_dir, cid):
-        if finished is None and (done := records.load_finished(runs_dir, cid)) is not None:
-            print(f"[mergelab] skip {cid}: finished by a concurrent run ({cell_dir})")
-            return done
-        return _run_cell(cfg, c, cid, sweep, choices)
+        return _skip_finished(c, cid, cell_dir) or finished
+
+    def done() -> bool:  # forced: recompute whatever a concurrent run finished
+        return not c.get("force") and records.load_finished(runs_dir, cid) is not None
+
+    while True:  # again only after losing the claim: wait for the cell like any worker
+        with records.claimed(runs_dir, cid, done, **c["claim"]) as claim:
+            if claim is None:
+                print(f"[mergelab] skip {cid}: finished by a concurrent run ({cell_dir})")
+                return records.load_finished(runs_dir, cid)
+            records.clean_cell(cell_dir)
+            try:
+                return _run_cell(cfg, c, cid, sweep, choices, claim)
+            except records.ClaimLost as lost:
+                print(f"[mergelab] lost {cid}: {lost}; waiting for the cell")
+
+
+def check_run_options(c: dict[str, Any]) -> None:
+    """The top-level options a cell needs, checked before anything runs (each error names
+    the option and a valid value); sets the code sandbox's mode (``sandbox``)."""
+    if isinstance(c["seed"], bool) or not isinstance(c["seed"], int):
+        raise ValueError(f"seed={c['seed']!r} must be an integer: seed=0")
+    threads = c.get("threads")
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads={threads!r} must be a positive integer or null: threads=N")
+    try:
+        torch.device(c["device"])
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={c['device']!r} is not a torch device: use cpu, cuda or cuda:N"
+        ) from err
+    parse_size(c["max_shard_size"])
+    sandbox.set_mode(c["sandbox"])
+
+
+def build_method(method_cfg: DictConfig) -> MergeMethod:
+    """Instantiate the method config; an option the method does not take is named with the
+    options it does take (Hydra's own error only shows a constructor's TypeError)."""
+    target = method_cfg.get("_target_")
+    try:
+        return instantiate(method_cfg)
+    except InstantiationException as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None or not target:
+            raise
+        params = inspect.signature(get_class(target)).parameters.values()
+        options = sorted(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        raise ValueError(
+            f"method.{unknown[1]} is not an option of {target}; its options are {options}: "
+            f"drop it or fix its name"
+        ) from err
+
+
+def _skip_finished(c: dict[str, Any], cid: str, cell_dir: Path) -> dict[str, Any] | None:
+    """A finished cell: drop the claim a dead worker left on it, and if its W&B run did
+    not close (killed after ``result.json``), log the record's summary in a replacing run.
+    The claim is tried once, without waiting: a live holder (a forced rerun) closes its
+    own run. Nothing is claimed when nothing is to do, or when W&B cannot start in this
+    process (warned once). Returns the record as read under the claim, if taken."""
+    runs_dir = Path(c["runs_dir"])
+    repair = (
+        c["logger"].get("mode", "offline") != "disabled"
+        and not tracking.closed(cell_dir, cid)
+        and tracking.available()
+    )
+    claim = records.CellClaim(runs_dir, cid, **c["claim"])
+    if not (repair or claim.path.exists()) or not claim.try_acquire():
+        return None
+    try:
+        record = records.load_finished(runs_dir, cid)
+        if repair and record is not None and not tracking.closed(cell_dir, cid):
+            with _tracker(c, record, record.get("sweep"), cell_dir) as tracker:
+                tracker.log_result(record)
+        return record
+    finally:
+        claim.release()
 
 
 def _run_cell(
@@ -74,7 +174,10 @@ def _run_cell(
     cid: str,
     sweep: str | None,
     choices: dict[str, str] | None,
+    claim: records.CellClaim,
 ) -> dict[str, Any]:
+    """Compute the cell under ``claim``, checked before each write that replaces what is
+    in the cell (demoting the old record, the checkpoint, ``result.json``)."""
     runs_dir = Path(c["runs_dir"])
     cell_dir = runs_dir / cid
     if c.get("threads") is not None:
@@ -87,7 +190,7 @@ def _run_cell(
         task_manager = validate_tasks(
             list(task_cfg["tasks"]), resolve_include_path(task_cfg.get("include_path"))
         )
-        method: MergeMethod = instantiate(cfg.method)
+        method = build_method(cfg.method)
         pool = ModelPool.from_config(c["model"], require_experts=method.uses_experts).open()
         pool.check_compatible()
     torch.manual_seed(c["seed"])
@@ -106,24 +209,33 @@ def _run_cell(
         },
         "pool": pool.describe(),
         "seed": c["seed"],
+        "sandbox": sandbox.describe(),
     }
     cell_dir.mkdir(parents=True, exist_ok=True)
     path = records.result_path(runs_dir, cid)
     with _tracker(c, record, sweep, cell_dir) as tracker:
         try:
-            _merge_and_score(c, pool, method, task_manager, tracker, record, timings, cell_dir)
+            writer = _merge_and_score(
+                c, pool, method, task_manager, tracker, record, timings, cell_dir
+            )
+            claim.check()
+            _demote_finished(runs_dir, cid)
+            claim.check()
+            _install_checkpoint(writer, cell_dir)
+            claim.check()
+            _write_record(path, record, timings, t_start)
         except BaseException as err:
+            lost = err if isinstance(err, records.ClaimLost) else claim.loss()
+            if lost is not None:  # the cell is the new holder's: write nothing to it
+                records.clean_own(cell_dir)
+                if lost is err or not isinstance(err, Exception):
+                    raise
+                raise lost from err  # e.g. a swap_in racing the new holder's
+            records.clean_cell(cell_dir)  # this attempt's partial checkpoint
             _write_record(path, record, timings, t_start, error=err)
             print(f"[mergelab] failed {cid}: {type(err).__name__} → {path}")
             raise
-        _write_record(path, record, timings, t_start)
-        tracker.log_summary(
-            {
-                **{f"{t}/{m}": v for t, ms in record["scores"].items() for m, v in ms.items()},
-                **{f"time/{k}": v for k, v in record["timings"].items()},
-                "weights_sha256": record["weights_sha256"],
-            }
-        )
+        tracker.log_result(record)
     print(f"[mergelab] done {cid}: {method.name} → {records.result_path(runs_dir, cid)}")
     print(score_table(record))
     return record
@@ -138,14 +250,11 @@ def _merge_and_score(
     record: dict[str, Any],
     timings: dict[str, float],
     cell_dir: Path,
-) -> None:
+) -> ShardedCheckpointWriter | None:
     """Merge, evaluate and write samples; put the weights digest, the method's report and
-    the scores (result.json schema 2, see ``records``) into ``record``."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        pool.base_dir, trust_remote_code=pool.trust_remote_code
-    )
+    the scores (result.json schema 2, see ``records``) into ``record``. Returns the writer
+    of the saved checkpoint (closed, not yet swapped in), if one was saved."""
+    tokenizer = pool.tokenizer()
     fit_context = None
     if method.needs_data:
         with _timed(timings, "calibration"):
@@ -159,7 +268,7 @@ def _merge_and_score(
 
     cache = fit_cache if c.get("fit_cache", True) else None
     merged_dir = cell_dir / "merged"
-    model, digest = _merge(c, pool, method, record, merged_dir, timings, fit_context, cache)
+    model, digest, writer = _merge(c, pool, method, record, merged_dir, timings, fit_context, cache)
     record["method"]["report"] = method.report()
     if fitted:
         record["method"]["fit_cache"] = fitted
@@ -198,6 +307,29 @@ def _merge_and_score(
         n_samples=result.n_samples,
         environment=environment,
     )
+    return writer
+
+
+def _install_checkpoint(writer: ShardedCheckpointWriter | None, cell_dir: Path) -> None:
+    """Swap the new checkpoint in; without one (``save_merged=false``) remove an earlier
+    attempt's ``merged/``, so a record never sits beside a checkpoint it does not describe
+    (set aside first: a kill leaves ``merged.old-*``, which ``clean_cell`` removes)."""
+    if writer is not None:
+        writer.swap_in()
+        return
+    aside = cell_dir / f"merged.old-{records.worker_suffix()}"
+    with suppress(FileNotFoundError):
+        os.rename(cell_dir / "merged", aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _demote_finished(runs_dir: Path, cid: str) -> None:
+    """Before a forced rerun swaps its checkpoint in, mark the finished record it replaces
+    ``replacing`` (not finished), so no ``complete`` record outlives its checkpoint."""
+    if (old := records.load_finished(runs_dir, cid)) is not None:
+        records.write_json_atomic(
+            records.result_path(runs_dir, cid), {**old, "status": "replacing"}
+        )
 
 
 def _write_record(
@@ -269,15 +401,15 @@ def _merge(
     timings: dict[str, float],
     fit_context: FitContext | None,
     fit_cache: Callable[[MergeMethod, FitContext], None] | None = None,
-) -> tuple[Any, str]:
-    """Merge in memory (then optionally save) or stream to disk (then load)."""
+) -> tuple[Any, str, ShardedCheckpointWriter | None]:
+    """Merge in memory (then optionally save) or stream to disk (then load); the
+    checkpoint's writer is returned with its partial directory complete, not swapped in."""
     from transformers import AutoModelForCausalLM
 
     load_kwargs = {
         "dtype": parse_dtype(pool.dtype) or "auto",
         "trust_remote_code": pool.trust_remote_code,
     }
-    shutil.rmtree(merged_dir.with_name(merged_dir.name + ".partial"), ignore_errors=True)
     if c["stream"]:
         writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
         with _timed(timings, "merge"):
@@ -291,10 +423,10 @@ def _merge(
                 fit_cache=fit_cache,
             )
         with _timed(timings, "save"):
-            writer.close(pool, model_card(record))
+            saved = writer.close(pool, model_card(record))
         with _timed(timings, "load"):
-            model = AutoModelForCausalLM.from_pretrained(merged_dir, **load_kwargs)
-        return model.to(c["device"]).eval(), digest
+            model = AutoModelForCausalLM.from_pretrained(saved, **load_kwargs)
+        return model.to(c["device"]).eval(), digest, writer
 
     merged: dict[str, torch.Tensor] = {}
     with _timed(timings, "merge"):
@@ -310,13 +442,14 @@ def _merge(
     with _timed(timings, "load"):
         model = AutoModelForCausalLM.from_pretrained(pool.base_dir, **load_kwargs)
         load_state_dict_checked(model, merged)
-    if c["save_merged"]:
-        with _timed(timings, "save"):
-            writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
-            for name, tensor in merged.items():
-                writer(name, tensor)
-            writer.close(pool, model_card(record))
-    return model.to(c["device"]).eval(), digest
+    if not c["save_merged"]:
+        return model.to(c["device"]).eval(), digest, None
+    with _timed(timings, "save"):
+        writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
+        for name, tensor in merged.items():
+            writer(name, tensor)
+        writer.close(pool, model_card(record))
+    return model.to(c["device"]).eval(), digest, writer
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -335,7 +468,8 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
 def _tracker(
     c: dict[str, Any], record: dict[str, Any], sweep: str | None, cell_dir: Path
 ) -> tracking.Tracker:
-    """One W&B run per cell (offline by default); failures only warn."""
+    """The cell's W&B run (offline by default; id = cell id, replacing a killed attempt's
+    offline run); failures only warn."""
     lg = c["logger"]
     return tracking.start(
         c,
@@ -346,6 +480,7 @@ def _tracker(
         mode=lg.get("mode", "offline"),
         dir=cell_dir,
         tags=list(lg.get("tags") or []) + [record["method"]["name"]],
+        run_id=record["cell_id"],
     )
 
 

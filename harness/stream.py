@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from core.sources import NonFiniteError, parse_dtype
 from harness.pool import ModelPool
+from harness.records import worker_suffix
 from methods.base import FitContext, MergeMethod
 
 Sink = Callable[[str, Tensor], None]
@@ -116,27 +118,39 @@ def _bytes(t: Tensor) -> bytes:
 
 
 def parse_size(size: str | int) -> int:
-    """'500MB' / '2GB' / bytes → bytes."""
-    if isinstance(size, int):
+    """'500MB' / '2GB' / bytes → bytes (the ``max_shard_size`` option)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
-    s = size.strip().upper()
-    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    s = str(size).strip().upper()
+    try:
+        for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+            if s.endswith(unit):
+                s, scale = s[: -len(unit)], mult
+                break
+        else:
+            scale = 1
+        n = int(float(s) * scale)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(
+            f"max_shard_size={size!r} is not a size: use e.g. 1GB, 500MB or a byte count"
+        )
+    return n
 
 
 class ShardedCheckpointWriter:
     """Writes tensors into safetensors shards + index, then config, tokenizer and card.
 
-    Everything goes to ``<out>.partial`` and is renamed to ``out`` only by ``close``, so an
-    interrupted write never leaves a directory that looks complete.
+    Everything goes to this writer's own ``<out>.partial-<host>-<pid>-<token>`` (workers
+    sharing a runs directory never share one); ``close`` completes it there and
+    :meth:`swap_in` later renames it to ``out``, so an interrupted write never leaves a
+    directory that looks complete, and the caller decides when ``out`` changes.
     """
 
     def __init__(self, out_dir: Path, max_shard_size: str | int = "1GB"):
         self.out_dir = Path(out_dir)
-        self.tmp = self.out_dir.with_name(self.out_dir.name + ".partial")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp = self.out_dir.with_name(f"{self.out_dir.name}.partial-{worker_suffix()}")
         self.tmp.mkdir(parents=True)
         self.max_bytes = parse_size(max_shard_size)
         self.buffer: dict[str, Tensor] = {}
@@ -159,7 +173,8 @@ class ShardedCheckpointWriter:
         self.buffer, self.buffer_bytes = {}, 0
 
     def close(self, pool: ModelPool, card: str) -> Path:
-        """Finish shards and index; add config, generation config, tokenizer and card."""
+        """Finish shards and index; add config, generation config, tokenizer and card.
+        Returns the completed partial directory (loadable with ``from_pretrained``)."""
         if self.buffer:
             self._flush()
         n = len(self.shards)
@@ -182,8 +197,18 @@ class ShardedCheckpointWriter:
         for f in pool.tokenizer_files():
             shutil.copy(f, self.tmp / f.name)
         (self.tmp / "README.md").write_text(card)
-        shutil.rmtree(self.out_dir, ignore_errors=True)
-        os.replace(self.tmp, self.out_dir)
+        return self.tmp
+
+    def swap_in(self) -> Path:
+        """Replace ``out`` by the closed partial directory with two renames (a directory
+        cannot be renamed over a full one): the old ``out`` is set aside as
+        ``<out>.old-<host>-<pid>-<token>``, the partial takes its name, the old is deleted.
+        ``out`` is missing only between the two renames, and is never incomplete."""
+        aside = self.out_dir.with_name(f"{self.out_dir.name}.old-{worker_suffix()}")
+        with suppress(FileNotFoundError):
+            os.rename(self.out_dir, aside)
+        os.rename(self.tmp, self.out_dir)
+        shutil.rmtree(aside, ignore_errors=True)
         return self.out_dir
 
 

@@ -8,6 +8,16 @@ Mode ``"offline"`` (default) needs no account and no network: the run is written
 ``"online"`` logs to the server the user is logged in to; ``"disabled"`` turns W&B off
 (wandb is not even imported and nothing is written).
 
+A cell's run has a fixed id (``run_id``: the cell id) and is started with
+``resume="allow"``: online, a rerun of a killed cell continues its run. Offline, wandb
+ignores resumption and would write a second ``offline-run-*-<id>`` directory, so
+:func:`start` first deletes the earlier attempts' directories of that id: the new attempt
+replaces them and ``wandb sync`` never uploads an orphan. :func:`closed` tells whether the
+newest run of an id finished cleanly (its log holds an exit record with code 0, which
+wandb writes after everything logged before it): a run killed before that is not closed,
+so the caller can log its summary again in a replacing run. :func:`available` says
+whether W&B could start in this process, for such optional repairs.
+
 Every wandb call is wrapped: an exception becomes a :func:`warnings.warn` naming the
 failure, and W&B is disabled for the rest of that run. A logging failure never loses a
 result and never raises.
@@ -22,6 +32,7 @@ protobufs) to give back the config, summary and history.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import time
 import warnings
@@ -33,6 +44,8 @@ from typing import Any
 __all__ = [
     "MODES",
     "Tracker",
+    "available",
+    "closed",
     "finish",
     "flatten",
     "log_metrics",
@@ -56,6 +69,7 @@ _QUIET_SETTINGS: dict[str, Any] = {
 }
 
 _active: Tracker | None = None
+_unavailable: str | None = None  # why W&B failed to start in this process (kept)
 
 
 class Tracker:
@@ -202,16 +216,18 @@ def start(
     dir: str | Path | None = None,  # noqa: A002 -- mirrors wandb.init(dir=...)
     tags: Iterable[str] | None = None,
     settings: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
 ) -> Tracker:
     """Start one W&B run and return its :class:`Tracker` (a no-op one on failure).
 
     ``cfg`` (dict or OmegaConf config) becomes the run config; ``name`` should be the
     cell id and ``group`` the sweep. ``dir`` is where ``wandb/`` is created (default:
     the current directory). ``settings`` are extra ``wandb.Settings`` fields, applied
-    over the quiet defaults. Never raises: a failure warns and returns a disabled
-    tracker.
+    over the quiet defaults. ``run_id`` fixes the run's id and replaces earlier offline
+    attempts of it (see the module docstring). Never raises: a failure warns and returns
+    a disabled tracker.
     """
-    global _active
+    global _active, _unavailable
     mode = (mode or "offline").lower()
     if mode == "disabled":
         return Tracker()
@@ -222,6 +238,9 @@ def start(
         import wandb
 
         config = _to_container(cfg)
+        if run_id is not None:
+            for earlier in (Path(dir or ".") / "wandb").glob(f"offline-run-*-{run_id}"):
+                shutil.rmtree(earlier)
         if dir is not None:
             Path(dir).mkdir(parents=True, exist_ok=True)
         run_settings = wandb.Settings(mode=mode, **{**_QUIET_SETTINGS, **dict(settings or {})})
@@ -235,16 +254,58 @@ def start(
             dir=str(dir) if dir is not None else None,
             settings=run_settings,
             reinit="create_new",
+            id=run_id,
+            resume="allow" if run_id is not None else None,
         )
     except Exception as exc:
+        _unavailable = f"{type(exc).__name__}: {exc}"
         _warn("wandb.init", exc)
         return Tracker()
     if run is None:
+        _unavailable = "wandb.init returned no run"
         _warn("wandb.init", RuntimeError("returned no run"))
         return Tracker()
     tracker = Tracker(run, mode)
     _active = tracker
     return tracker
+
+
+def closed(dir: str | Path, run_id: str) -> bool:  # noqa: A002 -- the ``dir`` given to start()
+    """Whether the newest run of id ``run_id`` under ``dir`` (``dir/wandb/*run-<time>-<id>``)
+    finished with exit code 0. Only that run counts: a closed run of another id, or an
+    earlier (online) attempt of this one, does not hide a killed newer attempt."""
+    runs = sorted(
+        Path(dir).glob(f"wandb/*run-*-{run_id}"),
+        key=lambda d: (d.name.partition("run-")[2], d.stat().st_mtime),
+    )
+    if not runs:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn log is simply not closed
+        try:
+            log = read_transaction_log(runs[-1] / f"run-{run_id}.wandb")
+            return any(r.exit.exit_code == 0 for r in log if r.HasField("exit"))
+        except (OSError, ValueError, ImportError):
+            return False
+
+
+def available() -> bool:
+    """Whether W&B can start in this process: False once importing wandb or
+    ``wandb.init`` has failed here (each warned about once), so optional W&B work (closing
+    a finished cell's killed run) is skipped without a warning per cell."""
+    global _unavailable
+    if _unavailable is None:
+        try:
+            import wandb  # noqa: F401
+        except Exception as exc:
+            _unavailable = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"W&B cannot be imported ({_unavailable}): killed W&B runs of finished cells "
+                "are not closed",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _unavailable is None
 
 
 # -- module-level conveniences acting on the most recently started tracker ------------

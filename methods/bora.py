@@ -121,6 +121,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.checkpoint import read_checkpoint, write_checkpoint
 from core.fingerprints import texts_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from core.lm import pad_id_of, right_pad
 from core.options import check_choice, check_finite, check_int
@@ -307,7 +308,7 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[i
 
 # ------------------------------------------------------------------------- training
 
-CHECKPOINT_FILE = "bora_checkpoint.pt"
+CHECKPOINT_FILE = "bora_checkpoint.json"  # the record; see core.checkpoint
 
 
 @dataclass
@@ -346,8 +347,9 @@ def train_bora(
 
     With ``checkpoint_dir`` and ``checkpoint_every > 0`` the whole state (adapters, Θ,
     optimisers, schedules, batch generators, losses) is saved atomically every
-    ``checkpoint_every`` steps, and a checkpoint found there is resumed from: the result
-    equals an uninterrupted run's.
+    ``checkpoint_every`` steps as safetensors plus a JSON record (:mod:`core.checkpoint`,
+    never unpickled), and a checkpoint found there is resumed from: the result equals an
+    uninterrupted run's, bit for bit.
     """
     from tqdm.auto import tqdm
 
@@ -407,8 +409,8 @@ def train_bora(
     losses: dict[str, list[float]] = {d: [] for d in names}
     penalties: list[float] = []
     tokens, start_step, prior_seconds = 0, 0, 0.0
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = read_checkpoint(ckpt) if ckpt is not None else None
+    if state is not None:
         if state["run"] != run_id:
             raise ValueError(
                 f"checkpoint {ckpt} belongs to another run ({state['run']}); delete it"
@@ -486,9 +488,7 @@ def train_bora(
                 "tokens": tokens,
                 "seconds": prior_seconds + time.perf_counter() - start,
             }
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, ckpt.with_name(ckpt.name + ".tmp"))
-            os.replace(ckpt.with_name(ckpt.name + ".tmp"), ckpt)
+            write_checkpoint(ckpt, state)
 
     adapters = {o: {k: v.detach().cpu() for k, v in p.items()} for o, p in params.items()}
     theta_global = {k: v.cpu() for k, v in theta_global.items()}

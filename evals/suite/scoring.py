@@ -9,8 +9,10 @@ simply scores 0.
 Code is run before ``process_results``, by an lm-eval custom filter (:func:`filter_code`,
 ``filter_list`` entry named ``none`` so the metric key stays ``pass@1``): lm-eval hands a
 filter every response of the task at once, so all programs run concurrently
-(:func:`evals.sandbox.run_many`: a sandbox server per CPU, a forked child per program)
-instead of one after another inside the per-document ``process_results``. The filter turns each
+(:func:`evals.sandbox.run_many`: one worker per CPU, an OS sandbox per program) instead of
+one after another inside the per-document ``process_results``. A program is a pair
+``(solution, hidden tests)``: the sandbox runs the tests after the solution, so the solution
+exiting early cannot skip them. The filter turns each
 generation into an outcome record ``{"completion", "status", "detail"}`` (the logged
 sample's ``filtered_resps``; ``resps`` keeps the raw generation), which
 :func:`process_code` scores. Given a raw generation instead (called directly, or a config
@@ -83,17 +85,19 @@ def process_math(doc: Mapping[str, Any], results: Any) -> dict[str, float]:
     return {"exact_match": float(predicted is not None and predicted == int(doc["answer"]))}
 
 
-def build_program(doc: Mapping[str, Any], completion: str) -> str:
-    """The program run for a code task: the prompt (comment, ``def`` line, ``return``), the
-    model's completion of the return line, then the hidden asserts."""
-    tests = "\n".join(doc["tests"])
-    return f"{doc['prompt']}{completion}\n\n\n{tests}\n"
+Program = Callable[[Mapping[str, Any], str], tuple[str, str]]
+
+
+def build_program(doc: Mapping[str, Any], completion: str) -> tuple[str, str]:
+    """The ``(solution, tests)`` run for a code task: the prompt (comment, ``def`` line,
+    ``return``) with the model's completion of the return line, and the hidden asserts."""
+    return f"{doc['prompt']}{completion}\n", "\n".join(doc["tests"]) + "\n"
 
 
 def sandbox_outcomes(
     resps: Sequence[Any],
     docs: Sequence[Mapping[str, Any]],
-    program: Callable[[Mapping[str, Any], str], str],
+    program: Program,
     *,
     timeout_s: float,
     memory_mb: int,
@@ -112,7 +116,7 @@ def sandbox_outcomes(
 def code_outcome(
     doc: Mapping[str, Any],
     results: Any,
-    program: Callable[[Mapping[str, Any], str], str],
+    program: Program,
     *,
     timeout_s: float,
     memory_mb: int,

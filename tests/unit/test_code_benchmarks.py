@@ -63,12 +63,14 @@ MBPP = [
 
 def test_programs_and_sandboxed_scores():
     he = HUMANEVAL[0]
-    assert humaneval_program(he, "    return a + b").endswith("check(add)\n")
+    solution, tests = humaneval_program(he, "    return a + b")
+    assert solution.endswith("    return a + b\n") and tests.endswith("check(add)\n")
     assert process_humaneval(he, [he["canonical_solution"]]) == {"pass@1": 1.0}
     assert process_humaneval(he, ["    return a - b\n"]) == {"pass@1": 0.0}
     assert process_humaneval(he, [None]) == {"pass@1": 0.0}
     mb = MBPP[0]
-    assert mbpp_program({**mb, "test_setup_code": "import math"}, "x").startswith("import math\n")
+    solution, tests = mbpp_program({**mb, "test_setup_code": "import math"}, "x")
+    assert solution == "import math\nx\n" and tests.startswith("assert add_1(1) == 2\n")
     assert process_mbpp(mb, [mb["code"]]) == {"pass@1": 1.0}
     assert process_mbpp(mb, ["def add_1(n):\n    return n"]) == {"pass@1": 0.0}
 

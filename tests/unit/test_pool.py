@@ -127,7 +127,7 @@ def test_missing_files_and_bad_config():
 def test_missing_shard_is_named(tiny_pool, tmp_path):
     bad = _copy_expert(tiny_pool, tmp_path)
     (bad / "model.safetensors").unlink()
-    with pytest.raises(PoolError, match="no weights in"):
+    with pytest.raises(PoolError, match="has no weights"):
         ModelPool.from_config(pool_cfg(tiny_pool, bad={"path": str(bad)})).open()
 
 

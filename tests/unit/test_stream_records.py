@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -136,9 +140,13 @@ def test_sharded_writer_roundtrips_through_from_pretrained(tiny_pool, tmp_path):
         writer(name, t)
 
     execute(pool, TaskArithmetic(scaling=0.3), both, seed=0, progress=False)
-    assert (tmp_path / "merged.partial").is_dir() and not (tmp_path / "merged").exists()
-    out = writer.close(pool, "# card\n")
-    assert not (tmp_path / "merged.partial").exists()
+    (partial,) = tmp_path.iterdir()  # this writer's own partial directory
+    assert partial.name.startswith(f"merged.partial-{socket.gethostname()}-{os.getpid()}-")
+    assert writer.close(pool, "# card\n") == partial and not (tmp_path / "merged").exists()
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "stale.bin").write_bytes(b"old")
+    out = writer.swap_in()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and not (out / "stale.bin").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(mem) and len(set(index["weight_map"].values())) > 2
     assert (out / "tokenizer.json").is_file() and (out / "README.md").read_text() == "# card\n"
@@ -198,3 +206,200 @@ def test_environment_records_threads_machine_and_every_package():
     lines = "\n".join(sorted(f"{n}=={v}" for n, v in env["packages"].items()))
     assert env["packages_sha256"] == hashlib.sha256(lines.encode()).hexdigest()
     assert records.SCHEMA == 2
+
+
+def claim(tmp_path, **kw) -> records.CellClaim:
+    return records.CellClaim(tmp_path, "abc", **{"heartbeat": 0.05, "timeout": 60, **kw})
+
+
+def eventually(condition, timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until true or ``timeout`` s passed (threads on loaded cores)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def freeze(c: records.CellClaim) -> None:
+    """Pause the holder's heartbeat, as a stopped or swapped-out process would."""
+    c._stop.set()
+    c._beat.join()
+
+
+def resume(c: records.CellClaim) -> None:
+    c._stop.clear()
+    c._hold()
+
+
+def token(path) -> str:
+    return json.loads(path.read_text())["token"]
+
+
+def test_a_claim_is_exclusive_beats_and_is_waited_for_until_done(tmp_path, capsys):
+    first, second = claim(tmp_path), claim(tmp_path)
+    assert first.acquire(lambda: False)
+    held = json.loads(first.path.read_text())
+    assert (held["host"], held["pid"]) == (socket.gethostname(), os.getpid())
+    assert eventually(lambda: json.loads(first.path.read_text())["heartbeat"] > held["heartbeat"])
+    done = threading.Event()
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(second.acquire(done.is_set)))
+    waiter.start()
+    printed: list[str] = []
+    assert eventually(
+        lambda: (
+            printed.append(capsys.readouterr().out) or "wait abc: claimed by" in "".join(printed)
+        )
+    )
+    assert waiter.is_alive()
+    done.set()  # the owner finished the cell: the waiter gives up without claiming
+    waiter.join(10)
+    assert got == [False] and first.path.is_file()
+    first.check()
+    first.release()
+    assert not first.path.exists() and list(tmp_path.joinpath(".claims").iterdir()) == []
+
+
+def test_a_stale_claim_is_taken_over(tmp_path, capsys):
+    me = claim(tmp_path).owner
+    no_pid = int(open("/proc/sys/kernel/pid_max").read()) + 1  # no process can have it
+    path = tmp_path / ".claims" / "abc.json"
+    path.parent.mkdir()
+    for held, why in (
+        ({**me, "pid": no_pid, "token": "x", "heartbeat": time.time()}, "its process is gone"),
+        (
+            {**me, "pid_start": "1", "token": "x", "heartbeat": time.time()},
+            "its process is gone (pid reused)",
+        ),
+        ({**me, "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 61}, "no heartbeat"),
+    ):
+        path.write_text(json.dumps(held))
+        taker = claim(tmp_path)
+        assert taker.acquire(lambda: False)
+        assert f"take over abc: the claim of {held['host']} pid {held['pid']} is stale ({why}" in (
+            capsys.readouterr().out
+        )
+        assert token(path) == taker.owner["token"]
+        taker.release()
+    path.write_text("not a claim")  # unreadable: it ages by its mtime
+    os.utime(path, (time.time() - 61, time.time() - 61))
+    taker = claim(tmp_path)
+    assert taker.acquire(lambda: False) and "is stale (no heartbeat" in capsys.readouterr().out
+    taker.release()
+    for other in ({"host": "elsewhere"}, {"ns": "another pid namespace"}):  # pid means nothing
+        path.write_text(json.dumps({**me, **other, "pid": no_pid, "heartbeat": time.time()}))
+        live = claim(tmp_path)
+        assert not live.try_acquire()  # a fresh claim from elsewhere is left alone, at once
+        assert json.loads(path.read_text())["pid"] == no_pid
+    path.write_text(json.dumps({**me, "pid": no_pid, "heartbeat": time.time()}))
+    assert live.try_acquire() and token(path) == live.owner["token"]
+    live.release()
+
+
+def test_a_claim_refreshed_after_being_judged_stale_is_put_back(tmp_path, capsys):
+    """Same token, newer heartbeat: the owner is alive, so its claim stays."""
+    owner = claim(tmp_path, heartbeat=3600)
+    assert owner.acquire(lambda: False)
+    judged = json.loads(owner.path.read_text())
+    time.sleep(0.01)
+    os.replace(owner._temp(), owner.path)  # the owner's heartbeat lands after the judgement
+    claim(tmp_path)._take_over(judged, "no heartbeat for 61 s")
+    assert "take over" not in capsys.readouterr().out
+    assert json.loads(owner.path.read_text())["heartbeat"] > judged["heartbeat"]
+    owner.check()
+    owner.release()
+    assert list(owner.path.parent.iterdir()) == []
+
+
+def test_a_failed_put_back_leaves_the_owner_lost_and_the_newcomer_holding(tmp_path, capsys):
+    owner, taker, newcomer = claim(tmp_path), claim(tmp_path), claim(tmp_path)
+    assert owner.acquire(lambda: False)
+    judged = {**json.loads(owner.path.read_text()), "heartbeat": 0.0}  # an older read
+    read = taker._read
+
+    def newcomer_slips_in(path):
+        if ".stale-" in path.name:  # between the taker's rename and its put-back
+            assert newcomer.try_acquire()
+        return read(path)
+
+    taker._read = newcomer_slips_in
+    taker._take_over(judged, "no heartbeat for 61 s")
+    assert "another worker claimed the cell meanwhile" in capsys.readouterr().out
+    assert token(owner.path) == newcomer.owner["token"]
+    assert eventually(owner.lost.is_set)  # its heartbeat sees the newcomer's claim...
+    assert token(owner.path) == newcomer.owner["token"]  # ...and never writes over it
+    with pytest.raises(records.ClaimLost, match=r"taken over \(.* pid \d+ holds it\)"):
+        owner.check()
+    owner.release()
+    newcomer.check()
+    newcomer.release()
+    assert list(owner.path.parent.iterdir()) == []
+
+
+def test_a_paused_owner_finds_its_claim_lost_and_writes_nothing_over_the_takers(tmp_path):
+    owner = claim(tmp_path)
+    assert owner.acquire(lambda: False)
+    freeze(owner)
+    taker = claim(tmp_path, timeout=0.3)
+    assert taker.acquire(lambda: False)  # waits until the frozen heartbeat is 0.3 s old
+    resume(owner)
+    assert eventually(owner.lost.is_set)
+    with pytest.raises(records.ClaimLost):
+        owner.check()
+    owner.release()  # leaves the taker's claim alone
+    assert token(taker.path) == taker.owner["token"]
+    taker.check()
+    taker.release()
+
+
+def test_a_deleted_claim_is_lost(tmp_path):
+    owner = claim(tmp_path, heartbeat=3600)
+    assert owner.acquire(lambda: False)
+    owner.path.unlink()
+    with pytest.raises(records.ClaimLost, match="it was deleted"):
+        owner.check()
+    owner.release()
+
+
+def test_of_simultaneous_takers_of_a_stale_claim_exactly_one_wins(tmp_path, capsys):
+    path = tmp_path / ".claims" / "abc.json"
+    path.parent.mkdir()
+    stale = {"host": "elsewhere", "pid": 1, "token": "x", "started": 0.0, "heartbeat": 0.0}
+    path.write_text(json.dumps(stale))
+    takers = [claim(tmp_path) for _ in range(8)]
+    start, done = threading.Barrier(len(takers)), threading.Event()
+    won: list[records.CellClaim] = []
+
+    def take(c: records.CellClaim) -> None:
+        start.wait()
+        if c.acquire(done.is_set):
+            won.append(c)
+
+    threads = [threading.Thread(target=take, args=(c,)) for c in takers]
+    for t in threads:
+        t.start()
+    assert eventually(lambda: bool(won))
+    time.sleep(0.3)  # a few heartbeats: a winner that lost its claim has seen it by now
+    done.set()
+    for t in threads:
+        t.join(10)
+    holders = [c for c in won if c.loss() is None]
+    assert len(holders) == 1 and token(path) == holders[0].owner["token"]
+    assert capsys.readouterr().out.count("take over abc") == 1
+    for c in won:
+        c.release()
+    assert list(path.parent.iterdir()) == []
+
+
+def test_clean_cell_removes_what_dead_writers_left(tmp_path):
+    mine = f"merged.partial-{records.worker_suffix()}"
+    for d in ("merged", "merged.partial-h-1-ab", "merged.old-h-1-ab", mine):
+        (tmp_path / d).mkdir()
+    (tmp_path / ".result.json.x1.tmp").write_text("{")
+    (tmp_path / "result.json").write_text("{}")
+    records.clean_own(tmp_path)  # a worker that lost its claim removes only its own
+    assert not (tmp_path / mine).exists() and (tmp_path / "merged.partial-h-1-ab").exists()
+    records.clean_cell(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "result.json"]

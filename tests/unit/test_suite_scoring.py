@@ -72,9 +72,9 @@ def test_process_math(generation, score):
 
 
 def test_build_program():
-    program = build_program(CODE_DOC, " x + 3")
-    assert program.startswith("# add 3 to x\ndef f(x):\n    return x + 3\n")
-    assert program.rstrip().endswith("assert f(-1) == 2")
+    solution, tests = build_program(CODE_DOC, " x + 3")
+    assert solution == "# add 3 to x\ndef f(x):\n    return x + 3\n"
+    assert tests.startswith("assert ") and tests.rstrip().endswith("assert f(-1) == 2")
 
 
 @pytest.mark.parametrize(

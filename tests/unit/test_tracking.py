@@ -4,8 +4,10 @@ logging path; failures are provoked by patching single wandb entry points)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -110,9 +112,11 @@ def test_failing_init_warns_and_disables(monkeypatch, tmp_path):
         raise RuntimeError("no route to W&B")
 
     monkeypatch.setattr(wandb, "init", boom)
+    monkeypatch.setattr(tracking, "_unavailable", None)
+    assert tracking.available()
     with pytest.warns(RuntimeWarning, match=r"wandb\.init failed.*no route to W&B"):
         tracker = tracking.start({"a": 1}, name=CELL, dir=tmp_path)
-    assert not tracker.active
+    assert not tracker.active and not tracking.available()  # optional repairs: skipped
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with tracker:
@@ -171,3 +175,97 @@ def test_summary_from_result_and_flatten():
         "weights_sha256": "abc123",
     }
     assert tracking.flatten({"a": {"b": {"c": 1}}, "d": None}) == {"a/b/c": 1, "d": None}
+
+
+def test_a_run_id_replaces_earlier_offline_attempts(tmp_path):
+    """Offline, wandb would write a second directory for a repeated id: the new attempt
+    replaces the old one, and only a run that exited with code 0 counts as closed."""
+    assert not tracking.closed(tmp_path, CELL)
+    with (
+        pytest.raises(RuntimeError),
+        tracking.start({"a": 1}, dir=tmp_path, run_id=CELL, settings=FAST),
+    ):
+        raise RuntimeError("killed attempt")  # closes with exit code 1
+    (first,) = tmp_path.glob("wandb/offline-run-*")
+    assert first.name.endswith(f"-{CELL}") and not tracking.closed(tmp_path, CELL)
+    with tracking.start({"a": 1}, dir=tmp_path, run_id=CELL, settings=FAST) as tracker:
+        tracker.log_result(RECORD)
+    (run_dir,) = tmp_path.glob("wandb/offline-run-*")
+    run = tracking.read_offline_run(run_dir)
+    assert run["run_id"] == CELL and run["summary"]["weights_sha256"] == "abc123"
+    assert tracking.closed(tmp_path, CELL)
+
+
+def test_only_the_newest_run_of_the_id_tells_whether_it_closed(tmp_path):
+    """A closed run of another id, or an earlier (online) attempt of this one, must not
+    hide a killed newer attempt."""
+    with tracking.start({"a": 1}, dir=tmp_path, settings=FAST):  # a random id, closed
+        pass
+    assert not tracking.closed(tmp_path, CELL)
+    with tracking.start({"a": 1}, dir=tmp_path, run_id=CELL, settings=FAST):
+        pass
+    (attempt,) = tmp_path.glob(f"wandb/offline-run-*-{CELL}")
+    assert tracking.closed(tmp_path, CELL)
+    shutil.copytree(attempt, tmp_path / "wandb" / f"run-20000101_000000-{CELL}")
+    assert tracking.closed(tmp_path, CELL)  # an earlier online attempt, closed
+    with (
+        pytest.raises(RuntimeError),
+        tracking.start({"a": 1}, dir=tmp_path, run_id=CELL, settings=FAST),
+    ):
+        raise RuntimeError("killed attempt")
+    assert not tracking.closed(tmp_path, CELL)
+
+
+def test_wandb_that_cannot_be_imported_is_reported_once(monkeypatch):
+    monkeypatch.setattr(tracking, "_unavailable", None)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.warns(RuntimeWarning, match="W&B cannot be imported .*ModuleNotFoundError"):
+        assert not tracking.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not tracking.available()
+
+
+def finished_cell(tmp_path: Path) -> tuple[dict, Path]:
+    """A finished cell whose W&B run never closed, and the config the skip path reads."""
+    c = {
+        "runs_dir": str(tmp_path),
+        "logger": {"mode": "offline", "project": "mergelab"},
+        "claim": {"heartbeat": 0.05, "timeout": 60},
+    }
+    record = {**RECORD, "status": "complete", "sweep": SWEEP, "method": {"name": "ties"}}
+    (tmp_path / CELL).mkdir()
+    (tmp_path / CELL / "result.json").write_text(json.dumps(record))
+    return c, tmp_path / CELL
+
+
+def test_the_skip_path_leaves_a_cell_held_by_a_live_worker_at_once(tmp_path):
+    from harness import records
+    from harness.run import _skip_finished
+
+    c, cell_dir = finished_cell(tmp_path)
+    holder = records.CellClaim(tmp_path, CELL, **c["claim"])  # e.g. a forced rerun
+    assert holder.try_acquire()
+    skip = threading.Thread(target=_skip_finished, args=(c, CELL, cell_dir), daemon=True)
+    skip.start()
+    skip.join(30)
+    assert not skip.is_alive() and not (cell_dir / "wandb").exists()
+    holder.check()
+    holder.release()
+
+
+def test_the_skip_path_claims_nothing_when_wandb_cannot_start(tmp_path, monkeypatch):
+    from harness.run import _skip_finished
+
+    c, cell_dir = finished_cell(tmp_path)
+    monkeypatch.setattr(tracking, "_unavailable", "ImportError: no wandb")  # warned before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            assert _skip_finished(c, CELL, cell_dir) is None
+    assert not (tmp_path / ".claims").exists() and not (cell_dir / "wandb").exists()
+    monkeypatch.setattr(tracking, "_unavailable", None)
+    assert _skip_finished(c, CELL, cell_dir)["cell_id"] == CELL  # repaired, under the claim
+    assert tracking.closed(cell_dir, CELL) and not list((tmp_path / ".claims").iterdir())
+    summary = tracking.read_offline_run(cell_dir)["summary"]
+    assert tracking.summary_from_result(RECORD).items() <= summary.items()

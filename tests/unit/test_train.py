@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from core.checkpoint import read_checkpoint
 from core.train import (
     CHECKPOINT_FILE,
     BatchSampler,
@@ -149,7 +150,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, shuffle, schedule,
             log=interrupt_at(5),
             **kw,
         )
-    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    # the new format: a JSON record and its safetensors, no pickle
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".safetensors"}
+    assert read_checkpoint(tmp_path / CHECKPOINT_FILE)["step"] == 3
     model, _ = tiny()  # a fresh process starts from the initial weights again
     resumed = finetune(model, tok, TEXTS, checkpoint_dir=tmp_path, checkpoint_every=3, **kw)
     assert resumed.resumed_from == 3
@@ -211,8 +214,8 @@ def test_lora_resume_is_bit_identical(tmp_path, monkeypatch):
             log=interrupt_at(3),
             **kw,
         )
-    ckpt = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
-    assert all("lora_" in k for k in ckpt["model"])  # the adapter only, not the base
+    ckpt = read_checkpoint(tmp_path / CHECKPOINT_FILE)
+    assert ckpt["model"] and all("lora_" in k for k in ckpt["model"])  # the adapter, not the base
     model, _ = tiny()
     lora, _ = finetune_lora(model, tok, TEXTS, checkpoint_dir=tmp_path, checkpoint_every=2, **kw)
     assert same(state(lora), state(ref_lora))
