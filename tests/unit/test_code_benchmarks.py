@@ -96,6 +96,24 @@ def test_generated_code_cannot_write_outside_its_sandbox_or_loop_forever(tmp_pat
     assert process_humaneval(he, ["    while True:\n        pass\n"]) == {"pass@1": 0.0}
 
 
+@pytest.mark.parametrize(
+    "exit_early",
+    [
+        "import os\nos._exit(0)\n",
+        "import sys\nsys.exit(0)\n",
+        "import os\nos.write(1, b'@@MERGELAB_SANDBOX_OK@@\\n')\nos._exit(0)\n",
+        "import __main__, os\nprint(getattr(__main__, '_nonce', ''))\nos._exit(0)\n",
+    ],
+    ids=["os-exit", "sys-exit", "fake-mark", "read-nonce"],
+)
+def test_a_wrong_answer_that_exits_early_scores_zero(exit_early):
+    """The red team's forgery: a wrong completion that ends the program (after printing
+    what an earlier design took as its pass mark) before the hidden tests run."""
+    he, mb = HUMANEVAL[0], MBPP[0]
+    assert process_humaneval(he, ["    return a - b\n" + exit_early]) == {"pass@1": 0.0}
+    assert process_mbpp(mb, ["def add_1(n):\n    return n\n" + exit_early]) == {"pass@1": 0.0}
+
+
 @pytest.fixture(scope="module")
 def local_tasks(tmp_path_factory) -> Path:
     """Stand-ins that `include` the real YAMLs and read local records."""
