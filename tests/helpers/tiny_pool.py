@@ -129,3 +129,17 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def reshard(d: Path) -> None:
+    """Re-save the checkpoint in ``d`` as two shards and an index (in place)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    names = list(state)
+    halves = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for fname, keys in halves.items():
+        save_file({k: state[k] for k in keys}, d / fname, metadata={"format": "pt"})
+    index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))

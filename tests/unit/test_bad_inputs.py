@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from harness.pool import ModelPool, PoolError
 from tests.helpers.hydra_conf import compose
+from tests.helpers.tiny_pool import reshard
 
 ROOT = Path(__file__).resolve().parents[2]
 Dirs = dict[str, Path]
@@ -108,18 +109,6 @@ def _edit_json(fname: str, edit: Callable[[dict], object]) -> Callable[[Path], N
 def _truncate(fname: str, keep: int) -> Callable[[Path], None]:
     """Keep the first ``keep`` bytes (negative: drop the last ``-keep``)."""
     return lambda d: (d / fname).write_bytes((d / fname).read_bytes()[:keep])
-
-
-def _shard(d: Path) -> None:
-    """Re-save ``d``'s weights as two shards and an index."""
-    state = load_file(d / "model.safetensors")
-    (d / "model.safetensors").unlink()
-    names = list(state)
-    halves = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
-    for fname, keys in halves.items():
-        save_file({k: state[k] for k in keys}, d / fname, metadata={"format": "pt"})
-    index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def _as_bin(state_of: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[Path], None]:
@@ -328,24 +317,24 @@ CASES: dict[str, Case] = {
         REFETCH,
     ),
     "index pointing to a missing shard": Case(
-        _broken(lambda d: (_shard(d), (d / "b.safetensors").unlink())),
+        _broken(lambda d: (reshard(d), (d / "b.safetensors").unlink())),
         rf"{MEMBER}: .*index\.json lists shards that are missing: \[.*b\.safetensors\]",
         r"re-download the missing shards",
     ),
     "zero-byte shard": Case(
-        _broken(lambda d: (_shard(d), _truncate("a.safetensors", 0)(d))),
+        _broken(lambda d: (reshard(d), _truncate("a.safetensors", 0)(d))),
         rf"{MEMBER}: cannot read .*a\.safetensors",
         REFETCH,
     ),
     "corrupted index JSON": Case(
-        _broken(lambda d: (_shard(d), _truncate("model.safetensors.index.json", 15)(d))),
+        _broken(lambda d: (reshard(d), _truncate("model.safetensors.index.json", 15)(d))),
         rf"{MEMBER}: cannot read .*index\.json",
         REFETCH,
     ),
     "index naming the wrong shard": Case(
         _broken(
             lambda d: (
-                _shard(d),
+                reshard(d),
                 _edit_json(
                     "model.safetensors.index.json",
                     lambda i: i["weight_map"].update({"lm_head.weight": "b.safetensors"}),

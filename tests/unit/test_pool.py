@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harness.pool import ModelPool, NonFiniteMemberError, PoolError, resolve_checkpoint
+from tests.helpers.tiny_pool import reshard
 
 
 def pool_cfg(dirs: dict[str, Path], **experts) -> dict:
@@ -190,14 +191,7 @@ def test_nan_payload_is_caught_when_read(tiny_pool, tmp_path):
 def _shard(src: Path, dst: Path) -> Path:
     """``src``'s checkpoint re-saved at ``dst`` as two shards and an index."""
     shutil.copytree(src, dst)
-    state = load_file(dst / "model.safetensors")
-    (dst / "model.safetensors").unlink()
-    names = list(state)
-    halves = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
-    for fname, keys in halves.items():
-        save_file({k: state[k] for k in keys}, dst / fname, metadata={"format": "pt"})
-    index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    reshard(dst)
     return dst
 
 
