@@ -5,6 +5,24 @@ sha256(json.dumps([seed, expert, tensor])) shifted to 63 bits; the uniforms are 
 the whole tensor shape on CPU from a private ``torch.Generator`` and then moved to the
 tensor's device. A mask therefore never depends on execution order, device, parallelism
 or the global RNG.
+
+:class:`MergekitMaskStream` is the opt-in alternative (``mask_rng: mergekit``) that
+replays mergekit 0.1.5's draws instead, so that its DARE and DELLA masks come out bit for
+bit. mergekit draws every mask with ``torch.bernoulli`` from torch's *global* generator,
+seeded by ``--random-seed`` (``transformers.set_seed``; without it its masks cannot be
+reproduced at all), one call per (tensor, model) in its executor's order: tensors by
+their checkpoint names in lexicographic order (its schedule is a lexicographic
+topological sort keyed by tensor name), models in config order, base excluded; a model
+whose density is ≥ 1 draws nothing. CPU ``bernoulli`` consumes one 32-bit draw per entry
+whatever the probabilities, so the generator's position at each tensor depends only on
+the shapes before it. Replaying needs every merged tensor's name and shape first (a
+statistics pass), then the stream is run once to record the generator state at each
+tensor (drawing and discarding what precedes it, as mergekit does) and each tensor's
+masks are drawn again from its recorded state when it is merged, in whatever order
+mergelab merges. It reproduces mergekit only when mergelab merges exactly the tensors
+mergekit merges (no ``model.exclude``) with the same seed, density and experts in the
+same order, and only mergekit's CPU merges (with ``--cuda`` its masks come from the CUDA
+generator; mergelab draws them on the CPU whatever its ``device``).
 """
 
 from __future__ import annotations
@@ -16,7 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-DROP_RESCALES = ("inverse_p", "l1")
+DROP_RESCALES = ("inverse_p", "l1", "none")
+MASK_RNGS = ("mergelab", "mergekit")
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescale when either L1 norm is below
 
 
@@ -57,3 +76,51 @@ def l1_rescale(tau: Tensor, masked: Tensor) -> Tensor:
     if before >= L1_EPS and after >= L1_EPS:
         return masked * (before / after)
     return masked
+
+
+def keep_masked(tau: Tensor, keep: Tensor, *, l1: bool) -> Tensor:
+    """τ ⊙ keep, rescaled by :func:`l1_rescale` when ``l1`` (``rescale: l1``; else
+    ``none``)."""
+    masked = torch.where(keep, tau, torch.zeros_like(tau))
+    return l1_rescale(tau, masked) if l1 else masked
+
+
+class MergekitMaskStream:
+    """mergekit 0.1.5's global-RNG mask stream, replayed per tensor (module docstring).
+
+    ``record(name, shape, draws)`` during a statistics pass (``draws``: the models that
+    draw a mask for this tensor), ``finish(seed)`` at its end, then ``generator(name)``
+    gives a generator positioned at that tensor's first draw."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[tuple[int, ...], int]] = {}
+        self._states: dict[str, Tensor] = {}
+
+    def reset(self) -> None:
+        self._pending, self._states = {}, {}
+
+    def record(self, name: str, shape: Sequence[int] | torch.Size, draws: int) -> None:
+        self._pending[name] = (tuple(shape), int(draws))
+
+    def finish(self, seed: int) -> None:
+        """Walk the stream in mergekit's order, keeping the state before each tensor."""
+        g = torch.Generator(device="cpu").manual_seed(int(seed))
+        half = {}
+        for name in sorted(self._pending):
+            shape, draws = self._pending[name]
+            self._states[name] = g.get_state()
+            if draws:
+                probs = half.setdefault(shape, torch.full(shape, 0.5))
+                for _ in range(draws):
+                    torch.bernoulli(probs, generator=g)
+        self._pending = {}
+
+    def generator(self, name: str) -> torch.Generator:
+        if name not in self._states:
+            raise RuntimeError(
+                f"mask_rng=mergekit: tensor {name!r} was not seen in the statistics pass "
+                "(the pass must run over every merged tensor first)"
+            )
+        g = torch.Generator(device="cpu")
+        g.set_state(self._states[name])
+        return g

@@ -32,8 +32,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.combine import SIGN_VOTES, sum_combine, ties_combine
-from core.dropout import DROP_RESCALES, dare_keep_mask, dare_rescale, l1_rescale, mask_seed
+from core.combine import SIGN_VOTES, WEIGHT_PRODUCTS, ZERO_SIGNS, sum_combine, ties_combine
+from core.dropout import (
+    DROP_RESCALES,
+    MASK_RNGS,
+    MergekitMaskStream,
+    dare_keep_mask,
+    dare_rescale,
+    keep_masked,
+    l1_rescale,
+    mask_seed,
+)
 from core.layers import layer_group
 from core.options import (
     check_choice,
@@ -53,6 +62,13 @@ from core.trim import (
 )
 
 
+def check_bool(value: Any, what: str) -> bool:
+    """A true/false config option (named in the error)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
 class KeptCounter:
     """Fraction of entries a transform kept, per expert, over every merged tensor."""
 
@@ -62,8 +78,13 @@ class KeptCounter:
         self._numel: dict[str, int] = dict.fromkeys(self.names, 0)
 
     def add(self, expert: str, kept: Tensor) -> None:
-        """Count the non-zero entries of ``kept`` (a mask, or the surviving values)."""
-        self._kept[expert] = self._kept[expert] + torch.count_nonzero(kept)
+        """Count the non-zero entries of ``kept`` (a mask, or the surviving values); for
+        values as Σ|sign(x)| in float64 (exact, and vectorised unlike ``count_nonzero``)."""
+        if kept.is_floating_point():
+            count = kept.sign().abs_().sum(dtype=torch.float64).to(torch.int64)
+        else:
+            count = torch.count_nonzero(kept)
+        self._kept[expert] = self._kept[expert] + count
         self._numel[expert] += kept.numel()
 
     def fractions(self) -> dict[str, float | None]:
@@ -74,9 +95,17 @@ class KeptCounter:
 
 
 class _Staged:
-    """Shared hooks of transforms and coefficients: setup and optional statistics passes."""
+    """Shared hooks of transforms and coefficients: setup and optional statistics passes
+    over the whole model (``stat_passes``) or over each tensor just before it is merged
+    (``tensor_passes``: ``observe_tensor`` / ``end_tensor_pass``).
+
+    ``chunked``: the piece works entry by entry, so it may be handed flat slices of a
+    tensor (``methods.base.MergeMethod.chunked``); a piece that reduces over a whole
+    tensor in ``apply`` (an L1 norm, a rank, a mask drawn for the whole tensor) is not."""
 
     stat_passes: int = 0
+    tensor_passes: int = 0
+    chunked: bool = False
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
         self.expert_names = list(expert_names)
@@ -87,6 +116,12 @@ class _Staged:
 
     def end_pass(self, pass_idx: int) -> None:  # noqa: B027 (optional hook)
         """Finish statistics pass ``pass_idx``."""
+
+    def observe_tensor(self, pass_idx: int, name: str, taus: Mapping[str, Tensor]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} declares no per-tensor passes")
+
+    def end_tensor_pass(self, pass_idx: int, name: str) -> None:  # noqa: B027 (optional hook)
+        """Finish per-tensor pass ``pass_idx`` of tensor ``name``."""
 
     def report(self) -> dict[str, Any]:
         return {}
@@ -105,6 +140,8 @@ class Transform(_Staged):
 
 class Identity(Transform):
     """v_k = τ_k."""
+
+    chunked = True
 
     def apply(self, name: str, taus: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return dict(taus)
@@ -134,6 +171,10 @@ class CountingTransform(Transform):
         return {"kept_fraction": kept.fractions() if kept is not None else {}}
 
 
+TRIM_RESCALES = ("none", "l1")
+TIE_BREAKS = ("keep_all", "argsort")
+
+
 class MagnitudeTrim(CountingTransform):
     """TIES' trim: keep each τ_k's top ``density`` entries by magnitude (:mod:`core.trim`).
 
@@ -141,6 +182,12 @@ class MagnitudeTrim(CountingTransform):
     vector, found exactly in two statistics passes (radix select); ``per_tensor``
     (mergekit's): per tensor by ``torch.kthvalue``, no pass. ``keep_count`` is the count
     rule of :func:`core.trim.count_to_keep`. Density 1 keeps everything (threshold 0).
+    ``tie_break``: ``keep_all`` (default) keeps every entry tied with the k-th largest |τ|,
+    so slightly more than k may survive; ``argsort`` keeps exactly the first k of
+    ``torch.argsort(|τ|, descending=True)``, mergekit's ``magnitude`` (per tensor only; it
+    differs only where |τ| has ties at the threshold, common for bf16 checkpoints).
+    ``rescale``: ``none`` (TIES) or ``l1`` (survivors × ‖τ‖₁/‖τ̂‖₁ per tensor, mergekit's
+    ``rescale: true``).
     ``report()``: ``kept_fraction`` (entries surviving with a non-zero value) and, when
     global, ``thresholds``.
     """
@@ -150,18 +197,40 @@ class MagnitudeTrim(CountingTransform):
         density: float = 0.2,
         trim_scope: str = "global",
         keep_count: str = "ceil",
+        rescale: str = "none",
+        tie_break: str = "keep_all",
         *,
         where: str = "method.transform",
     ) -> None:
         self.density = check_unit_interval(density, f"{where}.density", open_low=True)
         self.trim_scope = check_choice(trim_scope, f"{where}.trim_scope", TRIM_SCOPES)
         self.keep_count = check_choice(keep_count, f"{where}.keep_count", KEEP_COUNTS)
+        self.rescale = check_choice(rescale, f"{where}.rescale", TRIM_RESCALES)
+        self.tie_break = check_choice(tie_break, f"{where}.tie_break", TIE_BREAKS)
+        if self.tie_break == "argsort" and self.trim_scope != "per_tensor":
+            raise ValueError(
+                f"{where}.tie_break=argsort keeps exactly k entries per tensor: it needs "
+                f"{where}.trim_scope=per_tensor; the global trim keeps every tie "
+                f"({where}.tie_break=keep_all)"
+            )
         self.stat_passes = 2 if self.trim_scope == "global" and self.density < 1 else 0
+        # Entry by entry once the threshold is known; a per-tensor threshold then comes
+        # from two passes over the tensor's slices (the same radix select, exact, so the
+        # same value kthvalue gives). Exactly-k tie breaks and L1 rescaling need the
+        # whole tensor.
+        self.chunked = self.tie_break == "keep_all" and (
+            self.rescale == "none" or self.density == 1
+        )
+        per_tensor = self.trim_scope == "per_tensor" and self.density < 1
+        self.tensor_passes = 2 if self.chunked and per_tensor else 0
         self.thresholds: dict[str, float] | None = None
+        self._tensor: tuple[str, dict[str, float]] | None = None
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
         super().setup(expert_names, seed)
         self._select = {n: RadixSelect() for n in self.expert_names}
+        self._tensor_select: dict[str, RadixSelect] = {}
+        self._tensor = None
         self.thresholds = None
         if self.trim_scope == "global" and self.stat_passes == 0:
             self.thresholds = dict.fromkeys(self.expert_names, 0.0)
@@ -183,16 +252,43 @@ class MagnitudeTrim(CountingTransform):
             self.thresholds = {n: sel.value() for n, sel in self._select.items()}
             self._select = {}
 
-    def threshold(self, expert: str, tau: Tensor) -> float:
-        """The trim threshold of ``expert``'s ``tau`` (this tensor's, or the global one)."""
+    def observe_tensor(self, pass_idx: int, name: str, taus: Mapping[str, Tensor]) -> None:
+        """Per-tensor threshold of a sliced tensor: pass 0 the high 16 bits, pass 1 the low."""
+        for expert, tau in taus.items():
+            sel = self._tensor_select.setdefault(expert, RadixSelect())
+            if pass_idx == 0:
+                sel.add_high(tau)
+            else:
+                sel.add_low(tau)
+
+    def end_tensor_pass(self, pass_idx: int, name: str) -> None:
+        if pass_idx == 0:
+            for sel in self._tensor_select.values():
+                sel.find_bucket(count_to_keep(self.density, sel.n, self.keep_count))
+        else:
+            self._tensor = (name, {e: s.value() for e, s in self._tensor_select.items()})
+            self._tensor_select = {}
+
+    def threshold(self, expert: str, tau: Tensor, name: str | None = None) -> float:
+        """The trim threshold of ``expert``'s ``tau`` (this tensor's, or the global one);
+        for tensor ``name`` found by its per-tensor passes, if it had them."""
         if self.trim_scope == "per_tensor":
+            if self._tensor is not None and self._tensor[0] == name:
+                return self._tensor[1][expert]
             return trim_threshold_per_tensor(tau, self.density, self.keep_count)
         if self.thresholds is None:
             raise RuntimeError("global trim: the 2 statistics passes have not run")
         return self.thresholds[expert]
 
     def one(self, name: str, expert: str, tau: Tensor) -> tuple[Tensor, Tensor]:
-        trimmed = trim_by_threshold(tau, self.threshold(expert, tau))
+        if self.tie_break == "argsort" and self.density < 1:
+            trimmed = top_k_by_argsort(
+                tau, count_to_keep(self.density, tau.numel(), self.keep_count)
+            )
+        else:
+            trimmed = trim_by_threshold(tau, self.threshold(expert, tau, name))
+        if self.rescale == "l1" and self.density < 1:
+            return l1_rescale(tau, trimmed), trimmed
         return trimmed, trimmed
 
     def report(self) -> dict[str, Any]:
@@ -202,32 +298,115 @@ class MagnitudeTrim(CountingTransform):
         return out
 
 
-class RandomDrop(CountingTransform):
+def top_k_by_argsort(tau: Tensor, k: int) -> Tensor:
+    """τ with all but exactly k entries zeroed: the first k of
+    ``torch.argsort(|τ| as float32, descending=True)`` (mergekit 0.1.5's ``magnitude``)."""
+    flat = tau.abs().reshape(-1).float()
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=tau.device)
+    keep[torch.argsort(flat, descending=True)[:k]] = True
+    return torch.where(keep.view_as(tau), tau, torch.zeros_like(tau))
+
+
+class SeededDrop(CountingTransform):
+    """A random drop (DARE, DELLA's MAGPRUNE) with a choice of masks: ``mask_rng:
+    mergelab`` draws them in ``one`` from seeds per run seed, expert and tensor
+    (:mod:`core.dropout`); ``mergekit`` replays mergekit's global-RNG stream
+    (:class:`core.dropout.MergekitMaskStream`, one statistics pass recording every tensor's
+    shape), drawing ``torch.bernoulli`` of :meth:`mergekit_keep_probabilities`. Subclasses
+    call ``__init__`` after checking their own options and define those probabilities and
+    :meth:`rescaled`."""
+
+    what = "the drop"  # names the transform in errors
+
+    def __init__(self, mask_rng: str, drops: bool, *, where: str) -> None:
+        """``drops``: whether the options drop anything (no stream pass otherwise)."""
+        self.mask_rng = check_choice(mask_rng, f"{where}.mask_rng", MASK_RNGS)
+        self.stat_passes = 1 if self.mask_rng == "mergekit" and drops else 0
+        self._stream = MergekitMaskStream()
+
+    def mergekit_keep_probabilities(self, tau: Tensor) -> Tensor:
+        """mergekit's keep-probabilities of ``tau``'s entries (float32, on CPU)."""
+        raise NotImplementedError
+
+    def rescaled(self, tau: Tensor, keep: Tensor, keep_prob: Tensor) -> Tensor:
+        """τ with the dropped entries zeroed and the survivors rescaled; ``keep_prob``: the
+        probabilities ``keep`` was drawn with."""
+        raise NotImplementedError
+
+    def setup(self, expert_names: Sequence[str], seed: int) -> None:
+        super().setup(expert_names, seed)
+        self._stream.reset()
+
+    def observe(self, pass_idx: int, name: str, taus: Mapping[str, Tensor]) -> None:
+        if pass_idx not in range(self.stat_passes):
+            raise ValueError(
+                f"{self.what} has {self.stat_passes} statistics passes, got {pass_idx}"
+            )
+        shape = next(iter(taus.values())).shape
+        self._stream.record(name, shape, len(taus))
+
+    def end_pass(self, pass_idx: int) -> None:
+        self._stream.finish(self.seed)
+
+    def apply(self, name: str, taus: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.stat_passes == 0:
+            return super().apply(name, taus)
+        g = self._stream.generator(name)
+        out = {}
+        for expert, tau in taus.items():
+            probs = self.mergekit_keep_probabilities(tau)
+            keep = torch.bernoulli(probs, generator=g).bool().to(tau.device)
+            out[expert] = self.rescaled(tau, keep, probs)
+            self.kept.add(expert, keep)
+        return out
+
+
+class RandomDrop(SeededDrop):
     """DARE: drop each entry with probability ``drop_rate`` p (masks seeded per run seed,
     expert and tensor, :mod:`core.dropout`), rescale the survivors by 1/(1 − p)
-    (``rescale: inverse_p``, the paper's) or by the tensor's L1 ratio ‖τ‖₁/‖τ ⊙ m‖₁
-    (``l1``, mergekit 0.1.5's). ``report()``: ``kept_fraction`` of the masks."""
+    (``rescale: inverse_p``, the paper's), by the tensor's L1 ratio ‖τ‖₁/‖τ ⊙ m‖₁
+    (``l1``, mergekit 0.1.5's ``rescale: true``) or not at all (``none``, its
+    ``rescale: false``). ``mask_rng: mergekit`` draws the masks as mergekit does
+    (``torch.bernoulli`` of the keep probability 1 − p, replayed from its global-RNG
+    stream, :class:`SeededDrop`) at the cost of one statistics pass.
+    ``report()``: ``kept_fraction`` of the masks."""
 
     def __init__(
-        self, drop_rate: float = 0.5, rescale: str = "inverse_p", *, where: str = "method.transform"
+        self,
+        drop_rate: float = 0.5,
+        rescale: str = "inverse_p",
+        mask_rng: str = "mergelab",
+        *,
+        where: str = "method.transform",
     ) -> None:
         self.drop_rate = check_unit_interval(drop_rate, f"{where}.drop_rate", open_high=True)
         self.rescale = check_choice(rescale, f"{where}.rescale", DROP_RESCALES)
+        super().__init__(mask_rng, self.drop_rate > 0, where=where)
+
+    def mergekit_keep_probabilities(self, tau: Tensor) -> Tensor:
+        return torch.full(tau.shape, 1.0 - self.drop_rate, dtype=torch.float32)
 
     def one(self, name: str, expert: str, tau: Tensor) -> tuple[Tensor, Tensor]:
         keep = dare_keep_mask(
             tau.shape, self.drop_rate, mask_seed(self.seed, expert, name), tau.device
         )
+        return self.rescaled(tau, keep), keep
+
+    def rescaled(self, tau: Tensor, keep: Tensor, keep_prob: Tensor | None = None) -> Tensor:
+        """``keep_prob`` is 1 − p everywhere: unused."""
         if self.rescale == "inverse_p":
-            return dare_rescale(tau, keep, self.drop_rate), keep
-        return l1_rescale(tau, torch.where(keep, tau, torch.zeros_like(tau))), keep
+            return dare_rescale(tau, keep, self.drop_rate)
+        return keep_masked(tau, keep, l1=self.rescale == "l1")
 
 
 # -------------------------------------------------------------------------- combines
 
 
 class Combine:
-    """θ0 + λ · (combined processed task vectors)."""
+    """θ0 + λ · (combined processed task vectors). ``chunked``: entry by entry (see
+    :class:`_Staged`)."""
+
+    chunked: bool = False
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:  # noqa: B027
         """Called once with the pool's experts (a combine may refuse the pool)."""
@@ -242,27 +421,111 @@ class Combine:
 
 
 class Sum(Combine):
-    """θ0 + λ Σ_k w_k v_k."""
+    """θ0 + λ Σ_k w_k v_k; ``normalize: true`` divides the sum by Σ_k w_k (mergekit's
+    ``normalize``); ``weight_product: rounded`` rounds each w_k·v_k before the sum
+    (mergekit's order) instead of a fused ``add_(v, alpha=w)`` (``fused``, default)."""
+
+    chunked = True
+
+    def __init__(
+        self,
+        normalize: bool = False,
+        weight_product: str = "fused",
+        *,
+        where: str = "method.combine",
+    ) -> None:
+        self.normalize = check_bool(normalize, f"{where}.normalize")
+        self.weight_product = check_choice(
+            weight_product, f"{where}.weight_product", WEIGHT_PRODUCTS
+        )
+
+    def plain(self, weights: Sequence[float]) -> bool:
+        """Whether this is Σ w_k v_k with fused products and no division (unit weights
+        round alike fused or not: 1·v is v)."""
+        unit = all(float(w) == 1.0 for w in weights)
+        return not self.normalize and (self.weight_product == "fused" or unit)
 
     def __call__(
         self, base: Tensor, vectors: Sequence[Tensor], scaling: float, weights: Sequence[float]
     ) -> Tensor:
-        return sum_combine(base, vectors, scaling, weights)
+        return sum_combine(
+            base,
+            vectors,
+            scaling,
+            weights,
+            normalize=self.normalize,
+            premultiply=self.weight_product == "rounded",
+        )
 
 
 class DisjointMean(Combine):
     """TIES' sign election and disjoint mean, θ0 + λ · Σ w_k v_k m_k / Σ w_k m_k; the vote
     is sign(Σ v_k) (``sign_vote: unweighted``, Algorithm 1) or sign(Σ w_k v_k)
-    (``weighted``, mergekit's)."""
+    (``weighted``, mergekit's). mergekit's other conventions, each an option
+    (:mod:`core.combine`): ``normalize: false`` (the sum of the agreeing entries, mergekit's
+    ``dare_ties`` / ``breadcrumbs_ties`` default), ``weight_product: rounded`` and
+    ``zero_sign: positive`` (γ = +1 where the vote's sum is exactly 0)."""
 
-    def __init__(self, sign_vote: str = "unweighted", *, where: str = "method.combine") -> None:
+    chunked = True
+
+    def __init__(
+        self,
+        sign_vote: str = "unweighted",
+        normalize: bool = True,
+        weight_product: str = "fused",
+        zero_sign: str = "zero",
+        *,
+        where: str = "method.combine",
+    ) -> None:
         vote = check_choice(sign_vote, f"{where}.sign_vote", SIGN_VOTES)
         self.weighted_vote = vote == "weighted"
+        self.normalize = check_bool(normalize, f"{where}.normalize")
+        self.weight_product = check_choice(
+            weight_product, f"{where}.weight_product", WEIGHT_PRODUCTS
+        )
+        self.zero_sign = check_choice(zero_sign, f"{where}.zero_sign", ZERO_SIGNS)
 
     def __call__(
         self, base: Tensor, vectors: Sequence[Tensor], scaling: float, weights: Sequence[float]
     ) -> Tensor:
-        return ties_combine(base, vectors, scaling, weights, self.weighted_vote)
+        return ties_combine(
+            base,
+            vectors,
+            scaling,
+            weights,
+            self.weighted_vote,
+            normalize=self.normalize,
+            premultiply=self.weight_product == "rounded",
+            zero_sign=self.zero_sign,
+        )
+
+
+def election_combine(
+    sign_election: bool,
+    normalize: bool | None,
+    weight_product: str = "fused",
+    sign_vote: str = "unweighted",
+    zero_sign: str = "zero",
+    *,
+    where: str = "method",
+) -> Combine:
+    """TIES' disjoint mean (``sign_election``) or the sum, with mergekit's options, for a
+    method offering both (Breadcrumbs, DELLA). ``normalize`` null is the method's own
+    (true with the election, false without); ``sign_vote`` and ``zero_sign`` other than
+    their defaults are refused without an election (they would change nothing)."""
+    if sign_election:
+        norm = True if normalize is None else normalize
+        return DisjointMean(sign_vote, norm, weight_product, zero_sign, where=where)
+    for option, value, default in (
+        ("sign_vote", sign_vote, "unweighted"),
+        ("zero_sign", zero_sign, "zero"),
+    ):
+        if value != default:
+            raise ValueError(
+                f"{where}.{option}={value!r} applies only to the sign election: set "
+                f"{where}.sign_election=true or drop the option"
+            )
+    return Sum(False if normalize is None else normalize, weight_product, where=where)
 
 
 # ---------------------------------------------------------------------- coefficients
@@ -280,6 +543,8 @@ class Coefficients(_Staged):
 class Fixed(Coefficients):
     """Configured λ and weights (null: 1.0 each; a list in pool order; a mapping by name).
     ``report()``: ``weights`` by expert."""
+
+    chunked = True
 
     def __init__(
         self,
@@ -324,6 +589,8 @@ class LearnedCoefficients(Coefficients):
     ``report()`` records its ``weights_sha256`` (of the file) with ``weights_from``,
     ``weights_kind`` and the source cell's method name.
     """
+
+    chunked = True
 
     def __init__(
         self, path: str, scaling: float = 1.0, *, where: str = "method.coefficients"
@@ -390,6 +657,7 @@ class Passes:
     def __init__(self, *pieces: _Staged) -> None:
         self.pieces = pieces
         self.count = max((p.stat_passes for p in pieces), default=0)
+        self.tensor_count = max((p.tensor_passes for p in pieces), default=0)
 
     def observe(self, pass_idx: int, name: str, taus: Mapping[str, Tensor]) -> None:
         if pass_idx not in range(self.count):
@@ -402,3 +670,13 @@ class Passes:
         for piece in self.pieces:
             if pass_idx < piece.stat_passes:
                 piece.end_pass(pass_idx)
+
+    def observe_tensor(self, pass_idx: int, name: str, taus: Mapping[str, Tensor]) -> None:
+        for piece in self.pieces:
+            if pass_idx < piece.tensor_passes:
+                piece.observe_tensor(pass_idx, name, taus)
+
+    def end_tensor_pass(self, pass_idx: int, name: str) -> None:
+        for piece in self.pieces:
+            if pass_idx < piece.tensor_passes:
+                piece.end_tensor_pass(pass_idx, name)

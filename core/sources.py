@@ -241,6 +241,7 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+SAFETENSORS_DTYPE_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
 # LoraConfig keys whose value never changes the merged weights (bookkeeping, initialisation

@@ -66,8 +66,20 @@ def trim_mask_per_tensor(tau: Tensor, density: float, rule: str = "ceil") -> Ten
 
 
 def trim_by_threshold(tau: Tensor, threshold: float) -> Tensor:
-    """τ with every entry of |τ| < ``threshold`` set to 0 (|τ| == threshold is kept)."""
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    """τ with every entry of |τ| < ``threshold`` set to +0 (|τ| == threshold is kept).
+
+    Exactly ``torch.where(|τ| >= threshold, τ, 0)``, built from two vectorised one-sided
+    thresholds (``torch.where`` is several times slower on the CPU): with t⁻ the largest
+    value of τ's dtype below ``threshold``, τ > t⁻ ⟺ τ ≥ threshold, the positive side
+    keeps τ > t⁻, the negative side −τ > t⁻, and their sum restores τ (a kept value plus
+    ∓0 is itself; two dropped sides give +0, as ``where`` does)."""
+    if not tau.is_floating_point():
+        return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    t = torch.tensor(threshold, dtype=tau.dtype)
+    below = float(torch.nextafter(t, torch.tensor(float("-inf"), dtype=tau.dtype)))
+    positive = torch.nn.functional.threshold(tau, below, 0.0)
+    negative = torch.nn.functional.threshold(tau.neg(), below, 0.0).neg_()
+    return positive.add_(negative)
 
 
 # ------------------------------------------------------- exact global k-th largest
@@ -141,9 +153,11 @@ class RadixSelect:
         """Pass 1: count entries inside the chosen bucket by their low 16 bits."""
         if self.bucket is None:
             return
-        bits = magnitude_bits(t)
-        inside = bits[(bits >> 16) == self.bucket] & 0xFFFF
-        self._low = self._accumulate(self._low, torch.bincount(inside, minlength=N_BINS))
+        # bin 1 + low bits inside the bucket; entries below it fall in bin 0, above in the
+        # last bin (a clamp and one bincount: no boolean selection)
+        shifted = (magnitude_bits(t) - ((self.bucket << 16) - 1)).clamp_(0, N_BINS + 1)
+        inside = torch.bincount(shifted, minlength=N_BINS + 2)[1 : N_BINS + 1]
+        self._low = self._accumulate(self._low, inside)
 
     def value(self) -> float:
         """End of pass 1: the exact k-th largest magnitude (0.0 when k == 0)."""

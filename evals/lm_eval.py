@@ -1,12 +1,16 @@
-"""Evaluate an in-memory ``transformers`` model with lm-evaluation-harness (``lm_eval``).
+"""Evaluate a merged model with lm-evaluation-harness (``lm_eval``).
 
-Two entry points:
+Three entry points:
 
 * :func:`validate_tasks` checks task names *before* any merging, so a typo fails in seconds
   rather than after an hour of merging. It returns the ``TaskManager`` it built; pass that
   to :func:`evaluate` to avoid indexing the task tree twice.
 * :func:`evaluate` wraps the already-loaded model with ``lm_eval.models.huggingface.HFLM``
-  (no second load from disk, no hub access) and runs ``lm_eval.simple_evaluate``.
+  (no second load from disk, no hub access) and runs ``lm_eval.simple_evaluate``
+  (``eval.backend=hf``).
+* :func:`evaluate_vllm` scores a saved checkpoint directory with lm-eval's vLLM model
+  (``eval.backend=vllm``; ``evals.backends`` builds its arguments and checks the options),
+  through the same task building, seeds and result reading.
 
 Metric keys: lm-eval reports ``"<metric>,<filter>"`` (``"acc,none"``,
 ``"exact_match,strict-match"``). :class:`EvalResult` uses ``"<metric>"`` when the filter is
@@ -14,9 +18,9 @@ Metric keys: lm-eval reports ``"<metric>,<filter>"`` (``"acc,none"``,
 in lm-eval's order. Which metric is primary, its direction and its aggregation are read from
 lm-eval's task and group configs (``EvalResult.metrics``), never guessed from names or order.
 
-A broken model never scores: NaN/inf logits in any forward pass, or a NaN/inf per-sample
-log-likelihood or metric value in lm-eval's output, raise :class:`NonFiniteScoreError`
-(lm-eval would otherwise count every NaN comparison as a hit).
+A broken model never scores: NaN/inf logits in any forward pass (hf backend), or a NaN/inf
+per-sample log-likelihood or metric value in lm-eval's output (both backends), raise
+:class:`NonFiniteScoreError` (lm-eval would otherwise count every NaN comparison as a hit).
 
 This module is named ``lm_eval.py`` inside the ``evals`` package; ``import lm_eval`` here is an
 absolute import (Python 3) and resolves to the installed library, never to this file.
@@ -54,6 +58,7 @@ __all__ = [
     "EvalResult",
     "NonFiniteScoreError",
     "evaluate",
+    "evaluate_vllm",
     "metric_key",
     "quiet_lm_eval_logging",
     "validate_tasks",
@@ -714,26 +719,13 @@ def evaluate(
             the tasks in flight), or a NaN/inf per-sample log-likelihood or metric value in
             lm-eval's output (naming the task and doc / metric).
     """
-    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
-
-    quiet_lm_eval_logging()
-    names = _as_task_list(tasks)
-    limit = _check_limit(limit)
-    if task_manager is None or not all(_resolvable(n, task_manager.task_index) for n in names):
-        # No manager, or one built for other names (validate_tasks may have indexed only
-        # include_path): build one that knows these names, or raise naming the unknown ones.
-        if task_manager is not None and include_path is None:
-            include_path = task_manager.include_path
-        task_manager = validate_tasks(names, include_path)
+    request = _checked_request(tasks, limit, task_manager, include_path)
 
     if device is not None:
         target = torch.device(device)
         if not _same_device(torch.device(model.device), target):
             log.warning("Moving model from %s to %s for evaluation", model.device, target)
             model.to(target)
-
-    random_seed = DEFAULT_RANDOM_SEED if seed is None else seed
-    other_seed = DEFAULT_OTHER_SEED if seed is None else seed
 
     lm = _checked_hflm()(
         pretrained=model,
@@ -744,24 +736,134 @@ def evaluate(
         # merged models should not hinge on half-precision rounding.
         softmax_dtype=torch.float32,
     )
+    with _fail_on_non_finite_logits(lm):
+        return _score(
+            lm,
+            request,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=str(lm.device),
+            seed=seed,
+            log_samples=log_samples,
+            gen_kwargs=gen_kwargs,
+            bootstrap_iters=bootstrap_iters,
+        )
+
+
+def evaluate_vllm(
+    model_args: Mapping[str, Any],
+    tasks: str | Sequence[str],
+    *,
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    task_manager: TaskManager | None = None,
+    num_fewshot: int | Mapping[str, int] | None = None,
+    limit: int | float | None = None,
+    seed: int | None = 0,
+    log_samples: bool = True,
+    gen_kwargs: dict[str, Any] | str | None = None,
+    bootstrap_iters: int = 100_000,
+) -> EvalResult:
+    """Score a checkpoint directory with lm-eval's vLLM model (``"vllm"``, ``VLLM``).
+
+    ``model_args`` are ``VLLM``'s keyword arguments (``pretrained=<dir>``, dtype, parallel
+    sizes, batch size...; :func:`evals.backends.vllm_model_args` builds them from the
+    config). Everything else is :func:`evaluate`'s: the same task building, per-task
+    few-shot counts, limit, seeds, generation overrides and samples, read into the same
+    :class:`EvalResult`. Differences: the model and tokenizer are loaded by vLLM from the
+    directory, and NaN/inf is caught in the per-sample log-likelihoods and metrics only
+    (vLLM's forward passes cannot be hooked). The engine is shut down and its GPU memory
+    released before returning, so a sweep in one process can start the next cell's.
+    """
+    from lm_eval.api.registry import get_model
+
+    request = _checked_request(tasks, limit, task_manager, include_path)
+    lm = get_model("vllm").create_from_arg_obj(dict(model_args))
+    try:
+        return _score(
+            lm,
+            request,
+            num_fewshot=num_fewshot,
+            batch_size=None,  # VLLM took it from model_args
+            device=None,  # vLLM picks its GPUs from CUDA_VISIBLE_DEVICES
+            seed=seed,
+            log_samples=log_samples,
+            gen_kwargs=gen_kwargs,
+            bootstrap_iters=bootstrap_iters,
+        )
+    finally:
+        _release_vllm(lm)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What to score, checked before any model is loaded: the task names, a manager that
+    knows them all, and the doc limit as lm-eval takes it."""
+
+    names: list[str]
+    task_manager: TaskManager
+    limit: int | float | None
+
+
+def _checked_request(
+    tasks: str | Sequence[str],
+    limit: int | float | None,
+    task_manager: TaskManager | None,
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None,
+) -> _Request:
+    """Quiet lm-eval's logging and check ``tasks`` and ``limit`` (either backend)."""
+    quiet_lm_eval_logging()
+    names = _as_task_list(tasks)
+    limit = _check_limit(limit)
+    return _Request(names, _manager_for(names, task_manager, include_path), limit)
+
+
+def _manager_for(
+    names: Sequence[str],
+    task_manager: TaskManager | None,
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None,
+) -> TaskManager:
+    """``task_manager`` if it knows every name, else one that does (or an error naming the
+    unknown ones): :func:`validate_tasks` may have indexed only include_path."""
+    if task_manager is not None and all(_resolvable(n, task_manager.task_index) for n in names):
+        return task_manager
+    if task_manager is not None and include_path is None:
+        include_path = task_manager.include_path
+    return validate_tasks(names, include_path)
+
+
+def _score(
+    lm: Any,
+    request: _Request,
+    *,
+    num_fewshot: int | Mapping[str, int] | None,
+    batch_size: int | str | None,
+    device: str | None,
+    seed: int | None,
+    log_samples: bool,
+    gen_kwargs: dict[str, Any] | str | None,
+    bootstrap_iters: int,
+) -> EvalResult:
+    """Run ``lm_eval.simple_evaluate`` with an LM object (either backend): build the tasks,
+    seed everything from ``seed``, check the output finite and read it."""
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    names, task_manager = request.names, request.task_manager
+
+    random_seed = DEFAULT_RANDOM_SEED if seed is None else seed
+    other_seed = DEFAULT_OTHER_SEED if seed is None else seed
     counts: Mapping[str, int] = {}
     if isinstance(num_fewshot, Mapping):
         counts, num_fewshot = num_fewshot, None
-    with (
-        _preserve_global_rng(),
-        _no_datasets_download_ping(),
-        _no_cwd_git_probe(),
-        _fail_on_non_finite_logits(lm),
-    ):
+    with _preserve_global_rng(), _no_datasets_download_ping(), _no_cwd_git_probe():
         specs, built_tasks, built_groups = _build_specs(names, counts, task_manager)
         raw = lm_eval.simple_evaluate(
             model=lm,
             tasks=specs,
             task_manager=task_manager,
             num_fewshot=num_fewshot,
-            limit=limit,
+            limit=request.limit,
             batch_size=batch_size,
-            device=str(lm.device),
+            device=device,
             log_samples=log_samples,
             gen_kwargs=gen_kwargs,
             bootstrap_iters=bootstrap_iters,
@@ -774,6 +876,31 @@ def evaluate(
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     _check_finite_results(raw)
     return _build_result(raw, built_tasks, built_groups, names)
+
+
+def _release_vllm(lm: Any) -> None:
+    """Shut ``lm``'s vLLM engine down and free its GPU memory (best effort: a failure only
+    warns, since the scores are already read)."""
+    import gc
+    import sys
+
+    # VLLM keeps its vllm.LLM as the instance attribute ``model`` (none with
+    # data_parallel_size > 1: ray workers own the engines); dropping it stops the engine.
+    vars(lm).pop("model", None)
+    gc.collect()
+    if sys.modules.get("vllm") is not None:
+        try:
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception as err:  # any failure here must not fail a scored cell
+            log.warning("vLLM's parallel state was not torn down (%s: %s)", type(err).__name__, err)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _build_specs(

@@ -26,14 +26,24 @@ register()
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _app(cfg: DictConfig) -> None:
+def job(cfg: DictConfig) -> None:
+    """Hydra's task function: one cell. Launchers that run it in another process pickle it
+    (submitit: SLURM array tasks, ``hydra/launcher=local``), so it is a plain module-level
+    function, pickled by reference: the job imports this module, which pins the CPU kernels
+    before torch loads and registers the resolvers, before composing its config."""
+    logging.getLogger("mergelab").setLevel(logging.INFO)
     hc = HydraConfig.get()
     refuse_empty_experts(list(hc.overrides.task), list(cfg.model.get("experts") or {}))
     multirun = hc.mode is not None and hc.mode.name == "MULTIRUN"
     sweep = cfg.get("sweep") or (Path(hc.sweep.dir).name if multirun else None)
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     run_cell(cfg, sweep=sweep, choices=choices)
+
+
+# Decorated apart from ``job``, so ``harness.cli.job`` stays the undecorated function that
+# Hydra hands to the launcher (cloudpickle pickles a function by value unless its module
+# attribute is that very object).
+_app = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(job)
 
 
 def refuse_empty_experts(overrides: list[str], experts: list[str]) -> None:
@@ -57,7 +67,8 @@ def refuse_empty_experts(overrides: list[str], experts: list[str]) -> None:
 
 
 def main() -> None:
-    """``mergelab [overrides]``: run one cell; ``mergelab -m ...`` runs a grid."""
+    """``mergelab [overrides]``: run one cell; ``mergelab -m ...`` runs a grid (cells in
+    this process, or one job each with ``hydra/launcher=slurm|local|joblib``)."""
     logging.getLogger("mergelab").setLevel(logging.INFO)
     _app()
 

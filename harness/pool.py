@@ -230,20 +230,31 @@ class ModelPool:
 
     def tensor(self, member: str, name: str) -> Tensor:
         """Member ``member``'s tensor ``name`` (a LoRA expert's as W0 + s·B·A), checked for
-        NaN/inf as it is read: one ``isfinite`` pass, so a method that masks or drops
+        NaN/inf as it is read (:meth:`check_finite`), so a method that masks or drops
         entries (TIES, DARE) can never hide a corrupted member."""
-        tensor = self.sources[member].get(name)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            src = self.sources[member]
-            lora = " (materialised as W0 + s·B·A)" if isinstance(src, LoraSource) else ""
-            raise NonFiniteMemberError(
-                f"pool member {member!r} holds NaN/inf in tensor {name!r}{lora}: {bad} of "
-                f"{tensor.numel()} values, read from {src.file(name)}. That "
-                "checkpoint is corrupted (or was saved from a diverged training run): "
-                "re-download or rebuild it, then run again."
-            )
-        return tensor
+        return self.check_finite(member, name, self.sources[member].get(name))
+
+    def check_finite(self, member: str, name: str, tensor: Tensor) -> Tensor:
+        """``tensor`` (member ``member``'s ``name``, or a float copy of it) if it holds no
+        NaN/inf, else a ``NonFiniteMemberError`` naming the member, tensor and file.
+
+        One ``aminmax`` reduction decides (NaN propagates to both ends, ±inf shows at
+        one): vectorised and free of the boolean mask ``isfinite`` would allocate; the
+        count of bad values is computed only for the error."""
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            return tensor
+        low, high = torch.aminmax(tensor)
+        if torch.isfinite(low) and torch.isfinite(high):
+            return tensor
+        bad = int((~torch.isfinite(tensor)).sum())
+        src = self.sources[member]
+        lora = " (materialised as W0 + s·B·A)" if isinstance(src, LoraSource) else ""
+        raise NonFiniteMemberError(
+            f"pool member {member!r} holds NaN/inf in tensor {name!r}{lora}: {bad} of "
+            f"{tensor.numel()} values, read from {src.file(name)}. That "
+            "checkpoint is corrupted (or was saved from a diverged training run): "
+            "re-download or rebuild it, then run again."
+        )
 
     def tensors(self, name: str) -> tuple[Tensor, dict[str, Tensor]]:
         """The base's and every expert's value of tensor ``name``, each checked finite."""

@@ -42,6 +42,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from evals.backends import cell_eval
+
 SCHEMA = 2
 # Config keys that decide a cell's result; everything else (logging, paths, output
 # options, dry-run) may change without making it a different cell.
@@ -85,11 +87,15 @@ def method_params(method_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def cell_id(cfg: dict[str, Any]) -> str:
-    """12 hex digits of the sha256 of the result-deciding parts of a resolved config."""
+    """12 hex digits of the sha256 of the result-deciding parts of a resolved config; its
+    ``eval`` as :func:`evals.backends.cell_eval` gives it (an hf cell's id leaves
+    ``eval.backend`` and ``eval.vllm`` out, so it is the id from before those options)."""
     missing = [k for k in CELL_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"config lacks {missing}; a cell needs all of {list(CELL_KEYS)}")
-    key = json.dumps({k: cfg[k] for k in CELL_KEYS}, sort_keys=True, default=str)
+    parts = {k: cfg[k] for k in CELL_KEYS}
+    parts["eval"] = cell_eval(parts["eval"])
+    key = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

@@ -11,6 +11,16 @@ worker's partial checkpoint) → evaluate → write samples → swap the checkpo
 without one, remove an earlier ``merged/``) → write ``result.json`` atomically → log the
 summary to W&B (never fatal).
 
+Evaluation backends (``eval.backend``, see ``evals.backends``): ``hf`` scores the merged
+model object in process; ``vllm`` scores the saved checkpoint (the writer's closed partial
+directory, before the swap) with lm-eval's vLLM model, and no HF model is built. The eval
+options are checked with the run options, and vllm's import right after (before the claim),
+so a missing package or a CPU device fails in seconds. An hf cell's id is the one from
+before the option (``backends.cell_eval``).
+
+The in-memory merge (``stream=false``) builds its model once from the base's config and the
+merged tensors (:func:`build_merged_model`): the base's weights are not read again.
+
 With ``force``, the finished record is demoted (``status: "replacing"``) just before the
 checkpoint is replaced, and the new record written after: a ``complete`` record always
 has the checkpoint it describes, and a kill in between leaves a cell that is redone.
@@ -29,31 +39,35 @@ so the process exits non-zero; a failed cell is never ``complete`` and is redone
 
 from __future__ import annotations
 
-import inspect
+import gc
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from evals import sandbox
+from evals import backends, sandbox
 from evals.calibration import calibration_prompts
-from evals.lm_eval import NonFiniteScoreError, evaluate, validate_tasks, write_samples_jsonl
+from evals.lm_eval import (
+    NonFiniteScoreError,
+    evaluate,
+    evaluate_vllm,
+    validate_tasks,
+    write_samples_jsonl,
+)
 from harness import records, tracking
+from harness.checks import build_method, check_run_options
 from harness.data import load_texts
 from harness.fit_cache import cached_fit, member_files
 from harness.pool import ModelPool, parse_dtype
 from harness.resolvers import resolve_include_path
-from harness.stream import ShardedCheckpointWriter, execute, model_card, parse_size
+from harness.stream import ShardedCheckpointWriter, execute, model_card
 from methods.base import FitContext, MergeMethod
 
 
@@ -72,6 +86,7 @@ def run_cell(
     kept in the record."""
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     check_run_options(c)
+    backends.check_eval_options(c)
     cid = records.cell_id(c)
     runs_dir = Path(c["runs_dir"])
     cell_dir = runs_dir / cid
@@ -89,6 +104,7 @@ def run_cell(
     if finished and not c.get("force"):
         print(f"[mergelab] skip {cid}: finished ({records.result_path(runs_dir, cid)})")
         return _skip_finished(c, cid, cell_dir) or finished
+    backends.require_backend(backends.backend_name(c["eval"]), c["eval"])  # before any claim
 
     def done() -> bool:  # forced: recompute whatever a concurrent run finished
         return not c.get("force") and records.load_finished(runs_dir, cid) is not None
@@ -103,44 +119,6 @@ def run_cell(
                 return _run_cell(cfg, c, cid, sweep, choices, claim)
             except records.ClaimLost as lost:
                 print(f"[mergelab] lost {cid}: {lost}; waiting for the cell")
-
-
-def check_run_options(c: dict[str, Any]) -> None:
-    """The top-level options a cell needs, checked before anything runs (each error names
-    the option and a valid value); sets the code sandbox's mode (``sandbox``)."""
-    if isinstance(c["seed"], bool) or not isinstance(c["seed"], int):
-        raise ValueError(f"seed={c['seed']!r} must be an integer: seed=0")
-    threads = c.get("threads")
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-    ):
-        raise ValueError(f"threads={threads!r} must be a positive integer or null: threads=N")
-    try:
-        torch.device(c["device"])
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"device={c['device']!r} is not a torch device: use cpu, cuda or cuda:N"
-        ) from err
-    parse_size(c["max_shard_size"])
-    sandbox.set_mode(c["sandbox"])
-
-
-def build_method(method_cfg: DictConfig) -> MergeMethod:
-    """Instantiate the method config; an option the method does not take is named with the
-    options it does take (Hydra's own error only shows a constructor's TypeError)."""
-    target = method_cfg.get("_target_")
-    try:
-        return instantiate(method_cfg)
-    except InstantiationException as err:
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
-        if unknown is None or not target:
-            raise
-        params = inspect.signature(get_class(target)).parameters.values()
-        options = sorted(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
-        raise ValueError(
-            f"method.{unknown[1]} is not an option of {target}; its options are {options}: "
-            f"drop it or fix its name"
-        ) from err
 
 
 def _skip_finished(c: dict[str, Any], cid: str, cell_dir: Path) -> dict[str, Any] | None:
@@ -210,6 +188,7 @@ def _run_cell(
         "pool": pool.describe(),
         "seed": c["seed"],
         "sandbox": sandbox.describe(),
+        "eval_backend": backends.describe(backends.backend_name(c["eval"]), {}),
     }
     cell_dir.mkdir(parents=True, exist_ok=True)
     path = records.result_path(runs_dir, cid)
@@ -268,27 +247,55 @@ def _merge_and_score(
 
     cache = fit_cache if c.get("fit_cache", True) else None
     merged_dir = cell_dir / "merged"
-    model, digest, writer = _merge(c, pool, method, record, merged_dir, timings, fit_context, cache)
+    task_cfg, ev = c["task"], c["eval"]
+    backend = backends.backend_name(ev)
+    merge = _merge(
+        c,
+        pool,
+        method,
+        record,
+        merged_dir,
+        timings,
+        fit_context,
+        cache,
+        build_model=backend == "hf",
+    )
     record["method"]["report"] = method.report()
     if fitted:
         record["method"]["fit_cache"] = fitted
-    record["weights_sha256"] = digest
-    task_cfg, ev = c["task"], c["eval"]
+    record["weights_sha256"] = merge.digest
+    # The same task, few-shot, limit, seed, samples and generation options for either backend.
+    common: dict[str, Any] = {
+        "task_manager": task_manager,
+        "num_fewshot": _first_set(task_cfg.get("num_fewshot"), ev.get("num_fewshot")),
+        "limit": ev.get("limit"),
+        "seed": c["seed"],
+        "log_samples": ev.get("log_samples", True),
+        "gen_kwargs": ev.get("gen_kwargs"),
+    }
     with _timed(timings, "eval"):
         try:
-            result = evaluate(
-                model,
-                tokenizer,
-                list(task_cfg["tasks"]),
-                task_manager=task_manager,
-                num_fewshot=_first_set(task_cfg.get("num_fewshot"), ev.get("num_fewshot")),
-                limit=ev.get("limit"),
-                batch_size=ev.get("batch_size", 1),
-                max_length=ev.get("max_length"),
-                seed=c["seed"],
-                log_samples=ev.get("log_samples", True),
-                gen_kwargs=ev.get("gen_kwargs"),
-            )
+            if backend == "hf":
+                result = evaluate(
+                    merge.model,
+                    tokenizer,
+                    list(task_cfg["tasks"]),
+                    batch_size=ev.get("batch_size", 1),
+                    max_length=ev.get("max_length"),
+                    **common,
+                )
+            else:
+                assert merge.saved is not None  # check_eval_options: a checkpoint is saved
+                model_args = backends.vllm_model_args(
+                    merge.saved,
+                    ev,
+                    dtype=_hf_dtype(pool),
+                    seed=c["seed"],
+                    trust_remote_code=pool.trust_remote_code,
+                )
+                record["eval_backend"] = backends.describe(backend, model_args)
+                _free_accelerator_memory()  # vLLM sizes its cache from the free memory
+                result = evaluate_vllm(model_args, list(task_cfg["tasks"]), **common)
         except NonFiniteScoreError as err:
             raise NonFiniteScoreError(
                 f"{err} This cell merged with {method.name} {record['method']['params']} "
@@ -307,7 +314,7 @@ def _merge_and_score(
         n_samples=result.n_samples,
         environment=environment,
     )
-    return writer
+    return merge.writer
 
 
 def _install_checkpoint(writer: ShardedCheckpointWriter | None, cell_dir: Path) -> None:
@@ -392,6 +399,17 @@ def _first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+class _Merged(NamedTuple):
+    """What :func:`_merge` made: the model to score in process (``None`` for vllm), the
+    weights digest, and the saved checkpoint's writer and directory (the closed partial
+    directory, not yet swapped in), if one was saved."""
+
+    model: Any
+    digest: str
+    writer: ShardedCheckpointWriter | None
+    saved: Path | None
+
+
 def _merge(
     c: dict[str, Any],
     pool: ModelPool,
@@ -401,15 +419,13 @@ def _merge(
     timings: dict[str, float],
     fit_context: FitContext | None,
     fit_cache: Callable[[MergeMethod, FitContext], None] | None = None,
-) -> tuple[Any, str, ShardedCheckpointWriter | None]:
-    """Merge in memory (then optionally save) or stream to disk (then load); the
-    checkpoint's writer is returned with its partial directory complete, not swapped in."""
+    *,
+    build_model: bool = True,
+) -> _Merged:
+    """Merge in memory (then optionally save) or stream to disk (then load); without
+    ``build_model`` (the vllm backend scores the saved directory) no model is loaded."""
     from transformers import AutoModelForCausalLM
 
-    load_kwargs = {
-        "dtype": parse_dtype(pool.dtype) or "auto",
-        "trust_remote_code": pool.trust_remote_code,
-    }
     if c["stream"]:
         writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
         with _timed(timings, "merge"):
@@ -423,10 +439,16 @@ def _merge(
                 fit_cache=fit_cache,
             )
         with _timed(timings, "save"):
-            saved = writer.close(pool, model_card(record))
+            saved = writer.close(pool, model_card(record, pool.dirs))
+        if not build_model:
+            return _Merged(None, digest, writer, saved)
         with _timed(timings, "load"):
-            model = AutoModelForCausalLM.from_pretrained(saved, **load_kwargs)
-        return model.to(c["device"]).eval(), digest, writer
+            model = AutoModelForCausalLM.from_pretrained(
+                saved,
+                dtype=parse_dtype(pool.dtype) or "auto",
+                trust_remote_code=pool.trust_remote_code,
+            )
+        return _Merged(model.to(c["device"]).eval(), digest, writer, saved)
 
     merged: dict[str, torch.Tensor] = {}
     with _timed(timings, "merge"):
@@ -439,17 +461,108 @@ def _merge(
             fit_context=fit_context,
             fit_cache=fit_cache,
         )
-    with _timed(timings, "load"):
-        model = AutoModelForCausalLM.from_pretrained(pool.base_dir, **load_kwargs)
-        load_state_dict_checked(model, merged)
+    model = None
+    if build_model:
+        with _timed(timings, "load"):
+            model = build_merged_model(pool, merged).to(c["device"]).eval()
     if not c["save_merged"]:
-        return model.to(c["device"]).eval(), digest, None
+        return _Merged(model, digest, None, None)
     with _timed(timings, "save"):
         writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
-        for name, tensor in merged.items():
-            writer(name, tensor)
-        writer.close(pool, model_card(record))
-    return model.to(c["device"]).eval(), digest, writer
+        writer.write_all(merged)  # plans the shards, then writes each tensor in place
+        saved = writer.close(pool, model_card(record, pool.dirs))
+    return _Merged(model, digest, writer, saved)
+
+
+def build_merged_model(pool: ModelPool, merged: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The base's architecture holding the merged tensors, built once: what
+    ``AutoModelForCausalLM.from_pretrained(pool.base_dir)`` followed by
+    :func:`load_state_dict_checked` gives (same config, dtype, tied weights, non-persistent
+    buffers such as rotary ``inv_freq``, generation config; the tests check state dict and
+    logits for equality), without reading the base's weights again or holding a second copy.
+
+    How: transformers' own loader, ``from_pretrained(None, config=, state_dict=merged)``
+    (model on the meta device, the merged tensors loaded in, keep-in-fp32 modules, weights
+    tied, buffers initialised), then the generation config read from the base as
+    ``from_pretrained`` reads it. The model uses the merged tensors themselves where dtype
+    and device already match (no copy). Decision: a remote-code model
+    (``model.trust_remote_code`` with an ``auto_map``) or a composite config whose causal
+    LM class takes the text sub-config is loaded the old way (base read, then overwritten),
+    since transformers' auto class picks those classes by steps not repeated here."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    dtype = parse_dtype(pool.dtype) or "auto"
+    config = AutoConfig.from_pretrained(pool.base_dir, trust_remote_code=pool.trust_remote_code)
+    model_class = _local_causal_lm_class(config, pool.trust_remote_code)
+    if model_class is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            pool.base_dir, dtype=dtype, trust_remote_code=pool.trust_remote_code
+        )
+        load_state_dict_checked(model, merged)
+        return model
+    model, info = model_class.from_pretrained(
+        None, config=config, state_dict=dict(merged), dtype=dtype, output_loading_info=True
+    )
+    problems = {k: sorted(info.get(k) or ()) for k in ("unexpected_keys", "mismatched_keys")}
+    if problems["unexpected_keys"]:
+        raise ValueError(
+            f"merged tensors the model does not have: {problems['unexpected_keys'][:8]}"
+        )
+    if problems["mismatched_keys"]:
+        raise ValueError(f"merged tensors of the wrong shape: {problems['mismatched_keys'][:8]}")
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])[:8]
+        raise ValueError(f"merged state lacks model tensors {missing}; checkpoint incomplete?")
+    if info.get("error_msgs"):
+        raise ValueError(f"loading the merged tensors failed: {info['error_msgs'][:3]}")
+    model.config.name_or_path = str(pool.base_dir)  # as from_pretrained(base_dir) records
+    model.name_or_path = model.config.name_or_path
+    if model.can_generate():  # as from_pretrained(base_dir) reads it
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pool.base_dir)
+        except OSError:  # no generation_config.json: built from config.json
+            model.generation_config = GenerationConfig.from_pretrained(
+                pool.base_dir, config_file_name="config.json", _from_model_config=True
+            )
+    return model
+
+
+def _local_causal_lm_class(config: Any, trust_remote_code: bool) -> type | None:
+    """The transformers class ``AutoModelForCausalLM`` would build for ``config``, or
+    ``None`` where it would take another route (remote code, a text sub-config, an
+    unregistered config)."""
+    from transformers import AutoModelForCausalLM
+
+    mapping = AutoModelForCausalLM._model_mapping
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if (remote and trust_remote_code) or type(config) not in mapping:
+        return None
+    supported = mapping[type(config)]
+    if isinstance(supported, (list, tuple)):
+        by_name = {m.__name__: m for m in supported}
+        arch = [by_name[a] for a in getattr(config, "architectures", None) or [] if a in by_name]
+        supported = arch[0] if arch else supported[0]
+    text_config = config.sub_configs.get("text_config")
+    if text_config is not None and getattr(supported, "config_class", None) == text_config:
+        return None
+    return supported
+
+
+def _hf_dtype(pool: ModelPool) -> str:
+    """The dtype the hf backend loads the merged model in, by name: the pool's
+    ``model.dtype``, else the base config's, else ``auto``."""
+    if pool.dtype:
+        return pool.dtype
+    config = pool.config_json()
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return str(dtype) if dtype else "auto"
+
+
+def _free_accelerator_memory() -> None:
+    """Release what the merge and fit left cached, before an engine sizes itself."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -104,6 +104,16 @@ class MergeMethod(ABC):
     # sets and the merge reads, and the options only the merge reads. Empty: never cached.
     fit_state_keys: ClassVar[tuple[str, ...]] = ()
     fit_independent: ClassVar[tuple[str, ...]] = ()
+    # True when ``observe``, ``observe_tensor`` and ``merge_tensor`` work entry by entry:
+    # given flat slices of a tensor's members they give exactly what the whole tensor
+    # would (statistics that add up exactly, such as counts; merged entries that depend
+    # only on the same entries of the members and on constants fixed before the merge).
+    # The executor then streams each tensor in slices. False: whole tensors, in shape.
+    chunked: bool = False
+    # Statistics passes over each tensor (its slices, or the whole tensor) just before it
+    # is merged: ``observe_tensor(i, name, base, experts)`` per slice, then
+    # ``end_tensor_pass(i, name)``; e.g. a per-tensor trim threshold of a chunked method.
+    tensor_passes: int = 0
 
     def fit(self, ctx: FitContext) -> None:
         """Learn whatever the merge needs from data (only when ``needs_data``)."""
@@ -132,6 +142,15 @@ class MergeMethod(ABC):
 
     def end_pass(self, pass_idx: int) -> None:  # noqa: B027 (optional hook, no-op default)
         """Finish statistics pass ``pass_idx`` (e.g. turn histograms into thresholds)."""
+
+    def observe_tensor(
+        self, pass_idx: int, name: str, base: Tensor, experts: Mapping[str, Tensor]
+    ) -> None:
+        """Accumulate statistics of tensor ``name`` (one slice) in its pass ``pass_idx``."""
+        raise NotImplementedError(f"{type(self).__name__} declares no per-tensor passes")
+
+    def end_tensor_pass(self, pass_idx: int, name: str) -> None:  # noqa: B027 (optional hook)
+        """Finish per-tensor pass ``pass_idx`` of tensor ``name``."""
 
     @abstractmethod
     def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:

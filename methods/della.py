@@ -60,6 +60,16 @@ mergekit 0.1.5 (``mergekit/sparsify.py`` ``della_magprune``, registered in
   (``normalize: true``, as here); ``della_linear`` does not divide (as here).
 - Defaults: density 1.0 (no pruning), ε 0.15, λ 1.0.
 
+Options selecting mergekit's conventions (defaults: the paper's, as above):
+``mask_rng: mergekit`` draws the masks as mergekit does, bit for bit:
+``torch.bernoulli`` of its float32 probabilities (:func:`mergekit_keep_probabilities`:
+its ``argsort`` ranks along dim 1, its float32 arithmetic) from its global-RNG stream as
+``--random-seed`` seeds it (:class:`core.dropout.MergekitMaskStream`; one extra
+statistics pass; exact only with every tensor merged and the experts in mergekit's
+order). The combine takes ``normalize``, ``weight_product``, ``sign_vote`` and
+``zero_sign`` (:mod:`methods.ties`; ``della_linear`` with ``normalize: true`` divides by
+Σ w_k), which with ``rescale: l1`` give mergekit's ``della`` / ``della_linear``.
+
 The drop is the transform piece :class:`Magprune` (``method/transform=magprune`` composes
 it with any combine and coefficients).
 """
@@ -73,9 +83,9 @@ import torch
 from torch import Tensor
 
 from core.combine import sum_combine, ties_combine
-from core.dropout import l1_rescale, mask_seed, seeded_uniforms
+from core.dropout import keep_masked, mask_seed, seeded_uniforms
 from core.options import check_choice, check_finite, check_unit_interval
-from core.pieces import CountingTransform, DisjointMean, Fixed, Sum
+from core.pieces import Fixed, SeededDrop, election_combine
 from methods.task_vector import TaskVectorMerge
 
 RESCALES = ("inverse_p", "l1", "none")
@@ -104,6 +114,21 @@ def magprune_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> 
     return prob.reshape(tau.shape)
 
 
+def mergekit_keep_probabilities(tau: Tensor, density: float, epsilon: float) -> Tensor:
+    """mergekit 0.1.5's ``della_magprune`` probabilities, op for op (float32, ``tau``'s
+    shape): ranks from ``argsort(argsort(|τ|))`` along dim 1 (a 1-D tensor as one row;
+    equal magnitudes in ``argsort``'s own order), normalised by their row's min and max,
+    p = (d − ε) + r·2·ε."""
+    rows = tau.float()
+    if rows.dim() < 2:
+        rows = rows.unsqueeze(0)
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).float() + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(tau.shape)
+
+
 def magprune_uniforms(shape: Sequence[int] | torch.Size, generator_seed: int) -> Tensor:
     """The uniforms of one (expert, tensor): ``torch.rand`` on CPU from a private generator
     (the same draws as :func:`core.dropout.dare_keep_mask` makes)."""
@@ -118,11 +143,15 @@ def magprune(
     check_choice(rescale, "rescale", RESCALES)
     u = uniforms.to(device=tau.device, dtype=torch.float64)
     keep = u >= 1.0 - keep_prob
-    zero = torch.zeros_like(tau)
+    return magprune_rescale(tau, keep, keep_prob, rescale), keep
+
+
+def magprune_rescale(tau: Tensor, keep: Tensor, keep_prob: Tensor, rescale: str) -> Tensor:
+    """τ ⊙ keep with the survivors rescaled by 1/p_i (``inverse_p``; ``keep_prob`` is moved
+    to ``tau``'s dtype and device), by the L1 ratio (``l1``) or not at all (``none``)."""
     if rescale == "inverse_p":
-        return torch.where(keep, tau / keep_prob.to(tau.dtype), zero), keep
-    masked = torch.where(keep, tau, zero)
-    return (l1_rescale(tau, masked) if rescale == "l1" else masked), keep
+        return torch.where(keep, tau / keep_prob.to(tau), torch.zeros_like(tau))
+    return keep_masked(tau, keep, l1=rescale == "l1")
 
 
 def della_merge(
@@ -153,15 +182,19 @@ def della_merge(
     return combine(base, pruned, scaling, weights), masks
 
 
-class Magprune(CountingTransform):
+class Magprune(SeededDrop):
     """The transform piece: MAGPRUNE each τ_k (uniforms seeded per run seed, expert and
-    tensor); density 1 keeps τ as it is. ``report()``: the masks' ``kept_fraction``."""
+    tensor; ``mask_rng: mergekit``: mergekit's draws, see the module docstring); density 1
+    keeps τ as it is. ``report()``: the masks' ``kept_fraction``."""
+
+    what = "MAGPRUNE"
 
     def __init__(
         self,
         density: float = 0.7,
         epsilon: float = 0.07,
         rescale: str = "inverse_p",
+        mask_rng: str = "mergelab",
         *,
         where: str = "method.transform",
     ) -> None:
@@ -178,6 +211,13 @@ class Magprune(CountingTransform):
                 f"{self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
             )
         self.rescale = check_choice(rescale, f"{where}.rescale", RESCALES)
+        super().__init__(mask_rng, self.density < 1, where=where)
+
+    def mergekit_keep_probabilities(self, tau: Tensor) -> Tensor:
+        return mergekit_keep_probabilities(tau.cpu(), self.density, self.epsilon)
+
+    def rescaled(self, tau: Tensor, keep: Tensor, keep_prob: Tensor) -> Tensor:
+        return magprune_rescale(tau, keep, keep_prob, self.rescale)
 
     def one(self, name: str, expert: str, tau: Tensor) -> tuple[Tensor, Tensor]:
         if self.density >= 1:
@@ -193,7 +233,9 @@ class DELLA(TaskVectorMerge):
     window, d − ε > 0 and d + ε ≤ 1), ``scaling`` λ, ``weights`` (null, a list in pool
     order or a mapping by expert), ``sign_election`` (true: ``della``, TIES' election;
     false: ``della_linear``, a weighted sum), ``rescale`` (``inverse_p``, the paper's;
-    ``l1``, mergekit 0.1.5's; ``none``)."""
+    ``l1``, mergekit 0.1.5's; ``none``), ``mask_rng`` (``mergelab``; ``mergekit``) and the
+    combine's ``normalize`` (null: true with sign election, false without),
+    ``weight_product``, ``sign_vote`` and ``zero_sign`` (module docstring)."""
 
     name = "della"
 
@@ -205,12 +247,17 @@ class DELLA(TaskVectorMerge):
         weights: Mapping[str, float] | Sequence[float] | None = None,
         sign_election: bool = True,
         rescale: str = "inverse_p",
+        mask_rng: str = "mergelab",
+        normalize: bool | None = None,
+        weight_product: str = "fused",
+        sign_vote: str = "unweighted",
+        zero_sign: str = "zero",
     ) -> None:
         if not isinstance(sign_election, bool):
             raise ValueError(f"method.sign_election must be true or false, got {sign_election!r}")
         self.sign_election = sign_election
-        transform = Magprune(density, epsilon, rescale, where="method")
-        combine = DisjointMean(where="method") if sign_election else Sum()
+        transform = Magprune(density, epsilon, rescale, mask_rng, where="method")
+        combine = election_combine(sign_election, normalize, weight_product, sign_vote, zero_sign)
         super().__init__(transform, combine, Fixed(scaling, weights, where="method"))
 
     def report(self) -> dict[str, Any]:

@@ -31,7 +31,11 @@ class TaskArithmetic(TaskVectorMerge):
 
     Options: ``scaling`` (λ, any finite number, default 0.3); ``weights`` — null (1.0
     each), a list in pool order, or a mapping by expert name (missing names get 1.0).
-    Weights multiply the task vectors and are not normalised.
+    Weights multiply the task vectors and are not normalised (``normalize: true``
+    divides Σ w_k τ_k by Σ w_k, mergekit's option); ``weight_product: rounded`` rounds
+    each w_k·τ_k before the sum as mergekit does (default ``fused``: one fused
+    multiply-add per term). With both at mergekit's values the merge is mergekit's
+    ``task_arithmetic`` bit for bit, for any weights (tests/peers).
     """
 
     name = "task_arithmetic"
@@ -40,5 +44,11 @@ class TaskArithmetic(TaskVectorMerge):
         self,
         scaling: float = 0.3,
         weights: Mapping[str, float] | Sequence[float] | None = None,
+        normalize: bool = False,
+        weight_product: str = "fused",
     ) -> None:
-        super().__init__(Identity(), Sum(), Fixed(scaling, weights, where="method"))
+        super().__init__(
+            Identity(),
+            Sum(normalize, weight_product, where="method"),
+            Fixed(scaling, weights, where="method"),
+        )

@@ -59,6 +59,8 @@ class TaskVectorMerge(MergeMethod):
         self.coefficients = coefficients
         self._passes = Passes(coefficients, transform)
         self.stat_passes = self._passes.count
+        self.tensor_passes = self._passes.tensor_count
+        self.chunked = transform.chunked and combine.chunked and coefficients.chunked
         self.expert_names: list[str] = []
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
@@ -76,9 +78,22 @@ class TaskVectorMerge(MergeMethod):
     def end_pass(self, pass_idx: int) -> None:
         self._passes.end_pass(pass_idx)
 
+    def observe_tensor(
+        self, pass_idx: int, name: str, base: Tensor, experts: Mapping[str, Tensor]
+    ) -> None:
+        taus = dict(zip(experts, task_vectors(base, experts), strict=True))
+        self._passes.observe_tensor(pass_idx, name, taus)
+
+    def end_tensor_pass(self, pass_idx: int, name: str) -> None:
+        self._passes.end_tensor_pass(pass_idx, name)
+
     def merge_tensor(self, name: str, base: Tensor, experts: Mapping[str, Tensor]) -> Tensor:
         weights = self.coefficients.weights(name, list(experts))
-        if type(self.transform) is Identity and type(self.combine) is Sum:
+        if (
+            type(self.transform) is Identity
+            and type(self.combine) is Sum
+            and self.combine.plain(weights)
+        ):
             # the same sum, one difference in memory at a time
             return base + self.coefficients.scaling * weighted_task_sum(
                 base, experts.values(), weights

@@ -23,6 +23,14 @@ With τ_k = θ_k − θ0:
    ones) give 0.
 4. θ = θ0 + λ · merged.
 
+mergekit 0.1.5's remaining conventions are options too (defaults: the paper's, as above):
+``normalize: false`` (the sum of the agreeing entries, no division), ``rescale: l1``
+(its ``rescale: true``), ``tie_break: argsort`` (exactly k entries per tensor, as its
+``torch.argsort`` picks them among equal magnitudes), ``weight_product: rounded`` (w_k·τ̂_k
+rounded before the sums) and ``zero_sign: positive`` (γ = +1 where the vote's sum is 0).
+All of them together with ``trim_scope: per_tensor, keep_count: floor, sign_vote:
+weighted`` are mergekit's ``ties`` bit for bit, for any weights (tests/peers).
+
 The trim and the combine are the shared pieces :class:`core.pieces.MagnitudeTrim` and
 :class:`core.pieces.DisjointMean` (their tensor functions in :mod:`core.trim` and
 :mod:`core.combine`); the plugin fixes them with :class:`core.pieces.Fixed` coefficients.
@@ -76,7 +84,11 @@ class TIES(TaskVectorMerge):
     (``ceil`` default; ``floor`` is mergekit's count, ``floor_plus_one`` the official
     code's and fusion-bench's), ``sign_vote`` (``unweighted``, Algorithm 1, default; or
     ``weighted``, mergekit's). With ``trim_scope: per_tensor, keep_count: floor,
-    sign_vote: weighted`` the merge is mergekit's ``ties`` (tests/peers checks it).
+    sign_vote: weighted`` the merge is mergekit's ``ties`` (tests/peers checks it) up to
+    the rounding of non-power-of-two weights and exact ties; ``normalize``, ``rescale``,
+    ``tie_break``, ``weight_product`` and ``zero_sign`` select mergekit's remaining
+    conventions (module docstring; the pieces :class:`core.pieces.MagnitudeTrim` and
+    :class:`core.pieces.DisjointMean`).
 
     ``stat_passes`` is 2 for global trimming (radix select: high then low 16 bits) and 0
     for per-tensor trimming, or when density == 1 (everything is kept, threshold 0).
@@ -94,9 +106,16 @@ class TIES(TaskVectorMerge):
         trim_scope: str = "global",
         keep_count: str = "ceil",
         sign_vote: str = "unweighted",
+        normalize: bool = True,
+        rescale: str = "none",
+        tie_break: str = "keep_all",
+        weight_product: str = "fused",
+        zero_sign: str = "zero",
     ) -> None:
         super().__init__(
-            transform=MagnitudeTrim(density, trim_scope, keep_count, where="method"),
-            combine=DisjointMean(sign_vote, where="method"),
+            transform=MagnitudeTrim(
+                density, trim_scope, keep_count, rescale, tie_break, where="method"
+            ),
+            combine=DisjointMean(sign_vote, normalize, weight_product, zero_sign, where="method"),
             coefficients=Fixed(scaling, weights, where="method"),
         )

@@ -172,7 +172,7 @@ def _run(*overrides: str) -> Callable[[Dirs, Path], object]:
 
 def _method(*overrides: str) -> Callable[[Dirs, Path], object]:
     """Trigger: instantiate the composed method config, as a run does before the pool."""
-    from harness.run import build_method
+    from harness.checks import build_method
 
     return lambda _dirs, _tmp: build_method(compose(*overrides).method)
 

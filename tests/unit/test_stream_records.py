@@ -134,12 +134,8 @@ def test_sharded_writer_roundtrips_through_from_pretrained(tiny_pool, tmp_path):
     pool = open_pool(tiny_pool)
     writer = ShardedCheckpointWriter(tmp_path / "merged", max_shard_size="16KB")
     mem: dict[str, torch.Tensor] = {}
-
-    def both(name, t):
-        mem[name] = t
-        writer(name, t)
-
-    execute(pool, TaskArithmetic(scaling=0.3), both, seed=0, progress=False)
+    digest = execute(pool, TaskArithmetic(scaling=0.3), writer, seed=0, progress=False)
+    assert execute(pool, TaskArithmetic(scaling=0.3), mem.__setitem__, seed=0) == digest
     (partial,) = tmp_path.iterdir()  # this writer's own partial directory
     assert partial.name.startswith(f"merged.partial-{socket.gethostname()}-{os.getpid()}-")
     assert writer.close(pool, "# card\n") == partial and not (tmp_path / "merged").exists()
