@@ -55,7 +55,7 @@ from core.reports import read_method_report
 from core.trim import (
     KEEP_COUNTS,
     TRIM_SCOPES,
-    RadixSelect,
+    ExpertThresholds,
     count_to_keep,
     trim_by_threshold,
     trim_threshold_per_tensor,
@@ -228,8 +228,8 @@ class MagnitudeTrim(CountingTransform):
 
     def setup(self, expert_names: Sequence[str], seed: int) -> None:
         super().setup(expert_names, seed)
-        self._select = {n: RadixSelect() for n in self.expert_names}
-        self._tensor_select: dict[str, RadixSelect] = {}
+        self._select = ExpertThresholds(self.density, self.keep_count)
+        self._tensor_select = ExpertThresholds(self.density, self.keep_count)
         self._tensor = None
         self.thresholds = None
         if self.trim_scope == "global" and self.stat_passes == 0:
@@ -238,36 +238,22 @@ class MagnitudeTrim(CountingTransform):
     def observe(self, pass_idx: int, name: str, taus: Mapping[str, Tensor]) -> None:
         if pass_idx not in range(self.stat_passes):
             raise ValueError(f"the trim has {self.stat_passes} statistics passes, got {pass_idx}")
-        for expert, tau in taus.items():
-            if pass_idx == 0:
-                self._select[expert].add_high(tau)
-            else:
-                self._select[expert].add_low(tau)
+        self._select.observe(pass_idx, taus)
 
     def end_pass(self, pass_idx: int) -> None:
-        if pass_idx == 0:
-            for sel in self._select.values():
-                sel.find_bucket(count_to_keep(self.density, sel.n, self.keep_count))
-        elif pass_idx == 1:
-            self.thresholds = {n: sel.value() for n, sel in self._select.items()}
-            self._select = {}
+        thresholds = self._select.end_pass(pass_idx)
+        if thresholds is not None:
+            self.thresholds = thresholds
 
     def observe_tensor(self, pass_idx: int, name: str, taus: Mapping[str, Tensor]) -> None:
-        """Per-tensor threshold of a sliced tensor: pass 0 the high 16 bits, pass 1 the low."""
-        for expert, tau in taus.items():
-            sel = self._tensor_select.setdefault(expert, RadixSelect())
-            if pass_idx == 0:
-                sel.add_high(tau)
-            else:
-                sel.add_low(tau)
+        """Per-tensor threshold of a sliced tensor, found as the global one is."""
+        self._tensor_select.observe(pass_idx, taus)
 
     def end_tensor_pass(self, pass_idx: int, name: str) -> None:
-        if pass_idx == 0:
-            for sel in self._tensor_select.values():
-                sel.find_bucket(count_to_keep(self.density, sel.n, self.keep_count))
-        else:
-            self._tensor = (name, {e: s.value() for e, s in self._tensor_select.items()})
-            self._tensor_select = {}
+        thresholds = self._tensor_select.end_pass(pass_idx)
+        if thresholds is not None:
+            self._tensor = (name, thresholds)
+            self._tensor_select = ExpertThresholds(self.density, self.keep_count)
 
     def threshold(self, expert: str, tau: Tensor, name: str | None = None) -> float:
         """The trim threshold of ``expert``'s ``tau`` (this tensor's, or the global one);

@@ -10,7 +10,7 @@ Magnitudes are compared as float32 (NaN would sort above +inf).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 import torch
@@ -167,6 +167,33 @@ class RadixSelect:
             raise RuntimeError("RadixSelect.value() before any add_low() in pass 1")
         low, _ = select_from_top(self._low, self.k - self.above)
         return bits_to_float((self.bucket << 16) | low)
+
+
+class ExpertThresholds:
+    """Exact trim thresholds of several experts' task vectors seen in pieces over two
+    passes: one :class:`RadixSelect` per expert, k = :func:`count_to_keep` of ``density``
+    over all the entries it saw (``rule`` as there)."""
+
+    def __init__(self, density: float, rule: str) -> None:
+        self.density, self.rule = density, rule
+        self.selects: dict[str, RadixSelect] = {}
+
+    def observe(self, pass_idx: int, taus: Mapping[str, Tensor]) -> None:
+        """Pass 0: the high 16 bits of each expert's |τ|; pass 1: the low ones."""
+        for expert, tau in taus.items():
+            sel = self.selects.setdefault(expert, RadixSelect())
+            if pass_idx == 0:
+                sel.add_high(tau)
+            else:
+                sel.add_low(tau)
+
+    def end_pass(self, pass_idx: int) -> dict[str, float] | None:
+        """End of a pass; after pass 1 the threshold of each expert."""
+        if pass_idx == 0:
+            for sel in self.selects.values():
+                sel.find_bucket(count_to_keep(self.density, sel.n, self.rule))
+            return None
+        return {e: sel.value() for e, sel in self.selects.items()}
 
 
 def global_kth_largest_magnitude(tensors: Sequence[Tensor], k: int) -> float:

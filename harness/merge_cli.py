@@ -160,9 +160,8 @@ def merge(
     from evals import sandbox
     from harness import records
     from harness.checks import build_method, check_run_options
-    from harness.mergekit_config import mergekit_yaml
     from harness.pool import ModelPool
-    from harness.stream import ShardedCheckpointWriter, execute, model_card
+    from harness.stream import ShardedCheckpointWriter, execute, mergekit_equivalent, model_card
 
     with _timed(timings, "check"):
         check_run_options({**c, "sandbox": sandbox.current_mode()})
@@ -219,13 +218,10 @@ def merge(
             "mergekit": mergekit,
         }
         with _timed(timings, "save"):
-            tmp = writer.close(pool, model_card(record, pool.dirs))
-            paths = {m: str(d) for m, d in pool.dirs.items()}
-            try:
-                text = mergekit_yaml(c["method"], c["model"], seed=c["seed"], paths=paths)
-            except Exception as err:  # noqa: BLE001 (the merge stands without it)
-                _say(f"note: no {MERGEKIT_FILE}: {type(err).__name__}: {err}")
-                text = None
+            text, why = mergekit_equivalent(record, {m: str(d) for m, d in pool.dirs.items()})
+            if why:
+                _say(f"note: no {MERGEKIT_FILE}: {why}")
+            tmp = writer.close(pool, model_card(record, text, why))
             if text is not None:
                 (tmp / MERGEKIT_FILE).write_text(text)
             record["mergekit_equivalent"] = MERGEKIT_FILE if text is not None else None

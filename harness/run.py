@@ -67,7 +67,7 @@ from harness.data import load_texts
 from harness.fit_cache import cached_fit, member_files
 from harness.pool import ModelPool, parse_dtype
 from harness.resolvers import resolve_include_path
-from harness.stream import ShardedCheckpointWriter, execute, model_card
+from harness.stream import ShardedCheckpointWriter, execute, mergekit_equivalent, model_card
 from methods.base import FitContext, MergeMethod
 
 
@@ -439,7 +439,7 @@ def _merge(
                 fit_cache=fit_cache,
             )
         with _timed(timings, "save"):
-            saved = writer.close(pool, model_card(record, pool.dirs))
+            saved = writer.close(pool, model_card(record, *mergekit_equivalent(record, pool.dirs)))
         if not build_model:
             return _Merged(None, digest, writer, saved)
         with _timed(timings, "load"):
@@ -470,7 +470,7 @@ def _merge(
     with _timed(timings, "save"):
         writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
         writer.write_all(merged)  # plans the shards, then writes each tensor in place
-        saved = writer.close(pool, model_card(record, pool.dirs))
+        saved = writer.close(pool, model_card(record, *mergekit_equivalent(record, pool.dirs)))
     return _Merged(model, digest, writer, saved)
 
 

@@ -197,7 +197,7 @@ class _Loader:
     def _part(self, name: str, tensors: dict[str, Tensor], whole: dict[str, Tensor]) -> Part:
         f32 = {}
         for m, t in tensors.items():
-            f32[m] = t.to(device=self.device, dtype=torch.float32)
+            f32[m] = _f32(t, self.device)
             try:
                 self.pool.check_finite(m, name, f32[m])
             except NonFiniteError:
@@ -497,13 +497,27 @@ class ShardedCheckpointWriter:
         return self.out_dir
 
 
-def model_card(record: dict[str, Any], paths: Mapping[str, Any] | None = None) -> str:
-    """A model card recording how the checkpoint was merged, with the mergekit 0.1.5 YAML
-    of the same merge where one exists (:func:`harness.mergekit_config.mergekit_yaml`;
-    ``paths``: the pool's member directories, written into it)."""
-    import yaml
-
+def mergekit_equivalent(
+    record: dict[str, Any], paths: Mapping[str, Any] | None = None
+) -> tuple[str | None, str]:
+    """The mergekit 0.1.5 YAML of the merge ``record`` describes
+    (:func:`harness.mergekit_config.mergekit_yaml`; ``paths``: the pool's member
+    directories, written into it), or ``None`` where mergekit has no such merge; and why
+    it could not be written, if it failed (the merge stands without it)."""
     from harness.mergekit_config import mergekit_yaml
+
+    config = record.get("config") or {}
+    try:
+        method, model = config["method"], config["model"]
+        return mergekit_yaml(method, model, seed=record["seed"], paths=paths), ""
+    except Exception as err:  # noqa: BLE001 (reported in the card, never fatal)
+        return None, f"{type(err).__name__}: {err}"
+
+
+def model_card(record: dict[str, Any], mergekit: str | None = None, why: str = "") -> str:
+    """A model card recording how the checkpoint was merged, with ``mergekit``, the YAML
+    of the same merge, where one exists (:func:`mergekit_equivalent` gives both)."""
+    import yaml
 
     body = yaml.safe_dump(
         {"method": record["method"], "pool": record["pool"], "seed": record["seed"]},
@@ -515,18 +529,10 @@ def model_card(record: dict[str, Any], paths: Mapping[str, Any] | None = None) -
         f"# Merged with mergelab\n\n{what} `{record['cell_id']}`. Merge configuration:\n\n"
         f"```yaml\n{body}```\n"
     )
-    config = record.get("config") or {}
-    try:
-        equivalent = mergekit_yaml(
-            config["method"], config["model"], seed=record["seed"], paths=paths
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        equivalent, why = None, f" ({type(err).__name__}: {err})"
-    else:
-        why = ""
-    if equivalent is None:
+    if mergekit is None:
+        because = f" ({why})" if why else ""
         return card + (
-            f"\nNo mergekit 0.1.5 configuration computes this merge{why}: its options "
+            f"\nNo mergekit 0.1.5 configuration computes this merge{because}: its options "
             "(or its pool) have no mergekit counterpart.\n"
         )
-    return card + f"\n## The same merge with mergekit 0.1.5\n\n```yaml\n{equivalent}```\n"
+    return card + f"\n## The same merge with mergekit 0.1.5\n\n```yaml\n{mergekit}```\n"

@@ -174,13 +174,13 @@ def test_the_model_card_carries_the_mergekit_yaml_where_one_exists():
     """Task arithmetic has a mergekit counterpart; the paper's global TIES trim has none."""
     from omegaconf import OmegaConf
 
-    from harness.stream import model_card
+    from harness.stream import mergekit_equivalent, model_card
     from tests.helpers.hydra_conf import compose
 
     def card(*overrides: str) -> str:
         c = OmegaConf.to_container(compose(*overrides), resolve=True)
         record = {"cell_id": "c1", "method": {}, "pool": {}, "seed": 0, "config": c}
-        return model_card(record, {"base": "/m/base"})
+        return model_card(record, *mergekit_equivalent(record, {"base": "/m/base"}))
 
     ta = card("method=task_arithmetic")
     assert "## The same merge with mergekit 0.1.5" in ta and "merge_method: task_arithmetic" in ta
