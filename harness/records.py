@@ -291,13 +291,20 @@ class CellClaim:
             # missing: set aside by a taker, maybe to be put back; never recreated
 
     def _sweep_leftovers(self) -> None:
-        """Delete this cell's temporary and set-aside claim files older than ``timeout``
-        (their writers died between two steps; live ones exist for microseconds)."""
+        """Delete what dead workers left beside this cell's claim: temporary claim files
+        whose writer is stale by the claim's own rule (its process gone, or silent for
+        ``timeout``; one cut off mid-write goes stale at its mtime), and set-aside claims
+        older than ``timeout`` (the name carries only the taker's token, so age is the
+        only sign; live ones exist for microseconds)."""
         folder = self.path.parent
-        for junk in [*folder.glob(f".{self.cid}.*.tmp"), *folder.glob(f"{self.path.name}.stale-*")]:
+        for tmp in folder.glob(f".{self.cid}.*.tmp"):
+            held = self._read(tmp)
+            if held is not None and self._stale(held):
+                tmp.unlink(missing_ok=True)
+        for aside in folder.glob(f"{self.path.name}.stale-*"):
             with suppress(OSError):
-                if time.time() - junk.stat().st_mtime > self.timeout:
-                    junk.unlink()
+                if time.time() - aside.stat().st_mtime > self.timeout:
+                    aside.unlink()
 
     def _stale(self, held: dict[str, Any]) -> str | None:
         age = time.time() - held["heartbeat"]

@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +25,8 @@ from tests.e2e.test_cli import ENV, cli, mergelab
 
 pytestmark = pytest.mark.e2e
 CELL = ["method=task_arithmetic", "method.scaling=0.4", "logger.tags=[kill]"]
-FAST_CLAIMS = ["claim.heartbeat=0.2", "claim.timeout=2"]  # leftovers age past it by the rerun
+CLAIM_TIMEOUT = 2.0
+FAST_CLAIMS = ["claim.heartbeat=0.2", f"claim.timeout={CLAIM_TIMEOUT}"]
 
 # Replace TARGET (module:attr.path) by a copy that kills the process at its NTH call whose
 # repr(args) contains MATCH, BEFORE or AFTER the call; then run the CLI (kernels pinned
@@ -128,6 +130,14 @@ def killed(conf: Path, runs: Path, kill: Kill, *overrides: str) -> None:
     assert proc.returncode == -9, f"{kill} not reached ({proc.returncode}):\n{proc.stderr[-3000:]}"
 
 
+def age_set_aside_claims(claims: Path) -> None:
+    """Wait until the set-aside claims a kill left are older than the claim timeout: the
+    sweep judges them by age alone (their name carries only the taker's token), whereas
+    a dead writer's temporary claim file goes at once."""
+    for aside in claims.glob("*.stale-*"):
+        time.sleep(max(0.0, aside.stat().st_mtime + CLAIM_TIMEOUT + 0.1 - time.time()))
+
+
 def complete_records_have_checkpoints(runs: Path, ref: dict) -> None:
     for path in runs.glob("*/result.json"):
         record = json.loads(path.read_text())
@@ -155,6 +165,7 @@ def test_kill_then_rerun_loses_nothing_and_leaves_nothing(
         complete_records_have_checkpoints(runs, ref)
     claim = runs / ".claims" / f"{ref['cell_id']}.json"
     left_claim = claim.exists()
+    age_set_aside_claims(claim.parent)
     out = mergelab(tiny_pool["conf"], runs, *CELL, *FAST_CLAIMS).stdout
     assert ("take over" in out) == left_claim, out
 

@@ -294,6 +294,37 @@ def test_a_stale_claim_is_taken_over(tmp_path, capsys):
     live.release()
 
 
+def test_claiming_sweeps_temporary_files_of_dead_writers_at_once(tmp_path):
+    """A worker killed between writing its heartbeat file and renaming it leaves a
+    ``.tmp``: the next claimant deletes it as soon as its process is gone, however
+    young; a live writer's, and a set-aside claim younger than the timeout, stay."""
+    me = claim(tmp_path).owner
+    no_pid = int(open("/proc/sys/kernel/pid_max").read()) + 1
+    folder = tmp_path / ".claims"
+    folder.mkdir()
+    dead = folder / ".abc.dead.tmp"
+    dead.write_text(json.dumps({**me, "pid": no_pid, "token": "dead", "heartbeat": time.time()}))
+    live = folder / ".abc.live.tmp"
+    live.write_text(json.dumps({**me, "token": "live", "heartbeat": time.time()}))
+    cut_off = folder / ".abc.cut.tmp"  # killed mid-write: unreadable, ages by its mtime
+    cut_off.write_text("")
+    aside = folder / "abc.json.stale-young"
+    aside.write_text("{}")
+    other_cell = folder / ".xyz.dead.tmp"
+    other_cell.write_text(dead.read_text())
+    c = claim(tmp_path)
+    assert c.acquire(lambda: False)
+    assert not dead.exists() and live.exists() and cut_off.exists() and aside.exists()
+    assert other_cell.exists()
+    c.release()
+    for old in (cut_off, aside):
+        os.utime(old, (time.time() - 61, time.time() - 61))
+    c = claim(tmp_path)
+    assert c.acquire(lambda: False)
+    assert not cut_off.exists() and not aside.exists() and live.exists()
+    c.release()
+
+
 def test_a_claim_refreshed_after_being_judged_stale_is_put_back(tmp_path, capsys):
     """Same token, newer heartbeat: the owner is alive, so its claim stays."""
     owner = claim(tmp_path, heartbeat=3600)
