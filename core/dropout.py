@@ -105,12 +105,11 @@ class MergekitMaskStream:
     def finish(self, seed: int) -> None:
         """Walk the stream in mergekit's order, keeping the state before each tensor."""
         g = torch.Generator(device="cpu").manual_seed(int(seed))
-        half = {}
         for name in sorted(self._pending):
             shape, draws = self._pending[name]
             self._states[name] = g.get_state()
             if draws:
-                probs = half.setdefault(shape, torch.full(shape, 0.5))
+                probs = torch.full(shape, 0.5)  # the draws depend on the shape only
                 for _ in range(draws):
                     torch.bernoulli(probs, generator=g)
         self._pending = {}

@@ -112,3 +112,10 @@ def check_int(value: Any, what: str, minimum: int | None = None) -> int:
         bound = "" if minimum is None else f" >= {minimum}"
         raise ValueError(f"{what} must be an integer{bound}, got {value!r}")
     return int(value)
+
+
+def check_bool(value: Any, what: str) -> bool:
+    """A true/false config option (named in the error)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
+    return value

@@ -45,6 +45,7 @@ from core.dropout import (
 )
 from core.layers import layer_group
 from core.options import (
+    check_bool,
     check_choice,
     check_finite,
     check_unit_interval,
@@ -60,13 +61,6 @@ from core.trim import (
     trim_by_threshold,
     trim_threshold_per_tensor,
 )
-
-
-def check_bool(value: Any, what: str) -> bool:
-    """A true/false config option (named in the error)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{what} must be true or false, got {value!r}")
-    return value
 
 
 class KeptCounter:
@@ -290,7 +284,7 @@ def top_k_by_argsort(tau: Tensor, k: int) -> Tensor:
     flat = tau.abs().reshape(-1).float()
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=tau.device)
     keep[torch.argsort(flat, descending=True)[:k]] = True
-    return torch.where(keep.view_as(tau), tau, torch.zeros_like(tau))
+    return keep_masked(tau, keep.view_as(tau), l1=False)
 
 
 class SeededDrop(CountingTransform):

@@ -56,23 +56,18 @@ VLLM_DEFAULTS: dict[str, Any] = {
     "extra": None,
 }
 VLLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# VLLM constructor arguments mergelab sets itself: not accepted in eval.vllm.extra.
-RESERVED = frozenset(
-    {
-        "pretrained",
-        "dtype",
-        "seed",
-        "trust_remote_code",
-        "batch_size",
-        "max_batch_size",
-        "max_length",
-        "max_model_len",
-        "tensor_parallel_size",
-        "data_parallel_size",
-        "gpu_memory_utilization",
-        "device",
-    }
-)
+# VLLM constructor arguments mergelab sets itself (not accepted in eval.vllm.extra), each with
+# where its value comes from: these, and eval.vllm's own options ("from eval.vllm.<key>").
+_SET_BY_MERGELAB: dict[str, str] = {
+    "pretrained": "the cell's saved checkpoint",
+    "seed": "from seed",
+    "trust_remote_code": "from model.trust_remote_code",
+    "batch_size": "from eval.batch_size",
+    "max_batch_size": "lm-eval's default",
+    "max_length": "from eval.max_length",
+    "device": "vLLM picks its GPUs from CUDA_VISIBLE_DEVICES",
+}
+RESERVED = frozenset(_SET_BY_MERGELAB) | (VLLM_DEFAULTS.keys() - {"extra"})
 INSTALL = (
     "install it on a machine with a CUDA GPU: pip install 'mergelab[vllm]' (or pip install "
     "vllm; it brings its own CUDA build of torch), or score in process with eval.backend=hf"
@@ -155,15 +150,7 @@ def vllm_options(ev: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _where(key: str) -> str:
-    return {
-        "pretrained": "the cell's saved checkpoint",
-        "seed": "from seed",
-        "trust_remote_code": "from model.trust_remote_code",
-        "batch_size": "from eval.batch_size",
-        "max_batch_size": "lm-eval's default",
-        "max_length": "from eval.max_length",
-        "device": "vLLM picks its GPUs from CUDA_VISIBLE_DEVICES",
-    }.get(key, f"from eval.vllm.{key}")
+    return _SET_BY_MERGELAB.get(key, f"from eval.vllm.{key}")
 
 
 def check_eval_options(c: Mapping[str, Any]) -> None:
@@ -198,10 +185,10 @@ def check_eval_options(c: Mapping[str, Any]) -> None:
         )
 
 
-def require_backend(backend: str, ev: Mapping[str, Any] | None = None) -> None:
-    """Stop at once if ``backend`` cannot run here: for vllm, lm-eval's vLLM model (and so
-    ``vllm``) must import, and data parallelism needs ``ray``."""
-    if backend != "vllm":
+def require_backend(ev: Mapping[str, Any]) -> None:
+    """Stop at once if the ``eval`` config's backend cannot run here: for vllm, lm-eval's
+    vLLM model (and so ``vllm``) must import, and data parallelism needs ``ray``."""
+    if backend_name(ev) != "vllm":
         return
     try:
         importlib.import_module("lm_eval.models.vllm_causallms")
@@ -210,7 +197,7 @@ def require_backend(backend: str, ev: Mapping[str, Any] | None = None) -> None:
             f"eval.backend=vllm needs the vllm package, which cannot be imported here "
             f"({type(err).__name__}: {err}): {INSTALL}"
         ) from err
-    dp = vllm_options(ev or {})["data_parallel_size"]
+    dp = vllm_options(ev)["data_parallel_size"]
     if dp > 1 and importlib.util.find_spec("ray") is None:
         raise ImportError(
             f"eval.vllm.data_parallel_size={dp} runs one vLLM engine per replica through "

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from lm_eval.tasks import TaskManager
 
+from core.calibration import free_memory
+
 if TYPE_CHECKING:
     from lm_eval.api.group import Group
     from lm_eval.api.task import Task
@@ -899,8 +901,7 @@ def _release_vllm(lm: Any) -> None:
             destroy_distributed_environment()
         except Exception as err:  # any failure here must not fail a scored cell
             log.warning("vLLM's parallel state was not torn down (%s: %s)", type(err).__name__, err)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def _build_specs(

@@ -29,12 +29,14 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from core.sources import CheckpointSource
 
 # TinyLlama-1.1B's configuration (the shapes are what matters).
 CONFIG = {
@@ -85,7 +87,8 @@ VARIANTS = {
 
 
 def shapes() -> dict[str, tuple[int, ...]]:
-    h, i, kv = CONFIG["hidden_size"], CONFIG["intermediate_size"], 256
+    h, i = CONFIG["hidden_size"], CONFIG["intermediate_size"]
+    kv = h // CONFIG["num_attention_heads"] * CONFIG["num_key_value_heads"]  # head_dim × KV heads
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (CONFIG["vocab_size"], h)}
     for layer in range(CONFIG["num_hidden_layers"]):
         p = f"model.layers.{layer}."
@@ -158,11 +161,15 @@ def mergekit_yaml(root: Path, config: str) -> str:
 
 def run(argv: list[str], env: dict[str, str]) -> tuple[float, float, float, float]:
     """(wall s, peak RSS GB, user s, sys s) of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    # stderr goes to a file, not a pipe: a child writing more than a pipe holds would block
+    # while we block in wait4
+    with tempfile.TemporaryFile() as stderr:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        stderr.seek(0)
+        err = stderr.read().decode()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{err[-3000:]}")
@@ -213,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     floor = read + write
     rows: list[dict] = []
     configs = sorted({VARIANTS[v][0] for v in args.methods}, key=list(CONFIGS).index)
+    # the mergelab variants paired with each mergekit config, in --methods order
+    variants = {c: [v for v in args.methods if VARIANTS[v][0] == c] for c in configs}
     for config in configs:
         (root / f"{config}.yml").write_text(mergekit_yaml(ckpt, config))
     for rep in range(args.repeats):
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 "mergekit": [str(bin_dir / "mergekit-yaml"), str(cfg), str(out)]
                 + ["--out-shard-size", "1B"]
             }
-            for v in (v for v in args.methods if VARIANTS[v][0] == config):
+            for v in variants[config]:
                 runs[v] = [str(bin_dir / "mergelab-merge"), "--mergekit", str(cfg), str(out)]
                 runs[v] += [f"threads={args.threads}", *VARIANTS[v][1]]
             order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| run | paired with mergekit's | median wall s | median peak RSS GB |")
     print("|:--|:--|--:|--:|")
     for config in configs:
-        for label in ["mergekit", *(v for v in args.methods if VARIANTS[v][0] == config)]:
+        for label in ["mergekit", *variants[config]]:
             mine = [r for r in rows if r["config"] == config and r["label"] == label]
             wall = statistics.median(r["wall"] for r in mine)
             rss = statistics.median(r["rss"] for r in mine)
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{ml['rss'] / mk['rss']:.3f} | {ml['wall'] / floor:.2f} |"
             )
     for config in configs:
-        for v in (v for v in args.methods if VARIANTS[v][0] == config):
+        for v in variants[config]:
             print(
                 f"\n{v} against mergekit's {CONFIGS[config][0]}: "
                 + compare(root / f"kept-{config}-mergekit", root / f"kept-{config}-{v}")
@@ -276,26 +285,17 @@ def main(argv: list[str] | None = None) -> None:
 def compare(a: Path, b: Path) -> str:
     """How two checkpoints' weights differ: the fraction of entries that differ and the
     largest difference."""
-
-    def tensors(d: Path) -> dict[str, tuple[Path, str]]:
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            with safe_open(f, "pt") as fh:
-                out.update({k: (f, k) for k in fh.keys()})
-        return out
-
-    ta, tb = tensors(a), tensors(b)
-    if set(ta) != set(tb):
-        return f"different tensor names ({sorted(set(ta) ^ set(tb))[:4]} ...)"
+    sa, sb = CheckpointSource(a), CheckpointSource(b)
+    if set(sa.names) != set(sb.names):
+        return f"different tensor names ({sorted(set(sa.names) ^ set(sb.names))[:4]} ...)"
     differ = total = 0
     largest = 0.0
-    for name in ta:
-        with safe_open(ta[name][0], "pt") as fa, safe_open(tb[name][0], "pt") as fb:
-            x, y = fa.get_tensor(name), fb.get_tensor(name)
+    for name in sa.names:
+        x, y = sa.get(name), sb.get(name)
         total += x.numel()
-        diff = x != y
-        differ += int(diff.sum())
-        if diff.any():
+        n = int((x != y).sum())
+        differ += n
+        if n:
             largest = max(largest, float((x.float() - y.float()).abs().max()))
     return f"{differ / total:.2%} of {total:,} entries differ (largest difference {largest:.3g})"
 

@@ -69,7 +69,6 @@ def refuse_empty_experts(overrides: list[str], experts: list[str]) -> None:
 def main() -> None:
     """``mergelab [overrides]``: run one cell; ``mergelab -m ...`` runs a grid (cells in
     this process, or one job each with ``hydra/launcher=slurm|local|joblib``)."""
-    logging.getLogger("mergelab").setLevel(logging.INFO)
     _app()
 
 

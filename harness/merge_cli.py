@@ -39,14 +39,12 @@ Decisions:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,13 +81,6 @@ class MergeError(ValueError):
 
 def _say(message: str) -> None:
     print(f"[{TOOL}] {message}", flush=True)
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[stage] = round(time.perf_counter() - start, 4)
 
 
 # ------------------------------------------------------------------------------ output
@@ -163,7 +154,7 @@ def merge(
     from harness.pool import ModelPool
     from harness.stream import ShardedCheckpointWriter, execute, mergekit_equivalent, model_card
 
-    with _timed(timings, "check"):
+    with records.timed(timings, "check"):
         check_run_options({**c, "sandbox": sandbox.current_mode()})
         method = build_method(OmegaConf.create(c["method"]))
         _refuse_fitted(method, c, (choices or {}).get("method"))
@@ -183,10 +174,9 @@ def merge(
         torch.set_num_threads(int(c["threads"]))
     torch.manual_seed(c["seed"])
     config = {k: c[k] for k in ("method", "model", "seed", "device", "threads", "max_shard_size")}
-    merge_id = hashlib.sha256(
-        json.dumps({k: config[k] for k in ("method", "model", "seed", "device", "threads")},
-                   sort_keys=True, default=str).encode()
-    ).hexdigest()[:12]  # fmt: skip
+    merge_id = records.config_digest(
+        {k: config[k] for k in ("method", "model", "seed", "device", "threads")}
+    )
     if out.is_dir() and any(out.iterdir()):
         _say(f"replacing {out}")
     _say(
@@ -194,7 +184,7 @@ def merge(
     )
     writer = ShardedCheckpointWriter(out, c["max_shard_size"])
     try:
-        with _timed(timings, "merge"):
+        with records.timed(timings, "merge"):
             digest = execute(pool, method, writer, seed=c["seed"], device=c["device"])
         record: dict[str, Any] = {
             "schema": SCHEMA,
@@ -217,8 +207,8 @@ def merge(
             "weights_sha256": digest,
             "mergekit": mergekit,
         }
-        with _timed(timings, "save"):
-            text, why = mergekit_equivalent(record, {m: str(d) for m, d in pool.dirs.items()})
+        with records.timed(timings, "save"):
+            text, why = mergekit_equivalent(record, pool.dirs)
             if why:
                 _say(f"note: no {MERGEKIT_FILE}: {why}")
             tmp = writer.close(pool, model_card(record, text, why))
@@ -274,8 +264,6 @@ def _dtype_notes(pool: Any, mergekit: Mapping[str, Any]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="merge")
 def _app(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "out"):
-        _fail(MergeError(f"out=DIR is required: where the merged checkpoint goes\n{USAGE}"))
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     choices = {
         k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")

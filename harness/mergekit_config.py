@@ -59,6 +59,8 @@ from typing import Any
 
 import yaml
 
+from core.options import resolve_weights
+
 REQUIRED = object()  # a parameter without a default (mergekit raises when it is missing)
 
 TOP_KEYS = {
@@ -781,7 +783,6 @@ def _member_names(refs: Sequence[_Ref]) -> list[str]:
 def mergekit_yaml(
     method_cfg: Mapping[str, Any],
     model_cfg: Mapping[str, Any],
-    dtype: str | None = None,
     seed: int | None = None,
     paths: Mapping[str, str | Path] | None = None,
 ) -> str | None:
@@ -791,8 +792,8 @@ def mergekit_yaml(
     1/p rescale, a pool with ``exclude`` or LoRA experts, methods mergekit lacks).
 
     ``method_cfg`` / ``model_cfg``: the resolved ``method`` and ``model`` configs (a
-    record's ``config.method`` and ``config.model``); ``dtype``: the merged checkpoint's
-    dtype (default ``model_cfg["dtype"]``); ``seed``: the merge's seed (written in the
+    record's ``config.method`` and ``config.model``; the merged checkpoint's dtype is
+    ``model_cfg["dtype"]``); ``seed``: the merge's seed (written in the
     comment for the random methods: ``mergekit-yaml --random-seed``); ``paths``: member
     name → the directory to write instead of the configured path (``pool.dirs``: needed
     for ``zoo:`` members, which mergekit cannot resolve). The YAML starts with comment
@@ -832,9 +833,8 @@ def mergekit_yaml(
     if params:
         doc["parameters"] = params
     doc["dtype"] = "float32"
-    out_dtype = dtype if dtype is not None else model.get("dtype")
-    if out_dtype:
-        doc["out_dtype"] = str(out_dtype)
+    if model.get("dtype"):
+        doc["out_dtype"] = str(model["dtype"])
     level = (
         "bit-identical weights expected"
         if not reasons
@@ -879,15 +879,6 @@ def _with_defaults(target: str, cfg: Mapping[str, Any]) -> dict[str, Any] | None
     return out
 
 
-def _weights(opts: Mapping[str, Any], members: Sequence[str]) -> list[float]:
-    w = opts.get("weights")
-    if w is None:
-        return [1.0] * len(members)
-    if isinstance(w, Mapping):
-        return [float(w.get(m, 1.0)) for m in members]
-    return [float(x) for x in w]
-
-
 def _pow2(ws: Sequence[float]) -> bool:
     return all(w > 0 and math.frexp(w)[0] == 0.5 for w in ws)
 
@@ -899,7 +890,7 @@ def _build_yaml(
     parameters) for one mergelab method's options, appending to ``reasons`` what keeps it
     from bit-identity; ``None`` where mergekit has no such merge."""
     if cls == "WeightAverage":
-        ws = _weights(o, experts)
+        ws = resolve_weights(o.get("weights"), experts)
         normalize = o.get("normalize", "before")
         if normalize == "before":
             reasons.append(
@@ -918,13 +909,13 @@ def _build_yaml(
     if cls == "KarcherMerge":
         members = list(o.get("models") or experts)
         if o.get("variant") == "karcher":
-            ws = _weights(o, members)
+            ws = resolve_weights(o.get("weights"), members)
             if len(set(ws)) > 1 or o.get("origin") != "zero":
                 return None
             reasons.append(_REASON["karcher"])
             params = {"max_iter": int(o["max_iter"]), "tol": float(o["tol"])}
             return "karcher", None, [(m, {}) for m in members], params
-        ws = _weights(o, members)
+        ws = resolve_weights(o.get("weights"), members)
         reasons.append(_REASON["multislerp"])
         entries = [(m, {"weight": w}) for m, w in zip(members, ws, strict=True)]
         return "multislerp", ("base" if o.get("origin") == "base" else None), entries, {}
@@ -960,7 +951,7 @@ def _build_task_vector_yaml(
         method = names[cls]
     else:
         return None
-    ws = _weights(o, experts)
+    ws = resolve_weights(o.get("weights"), experts)
     election = method in ("ties", "dare_ties", "breadcrumbs_ties", "della")
     per_model: dict[str, Any] = {}
     params: dict[str, Any] = {"lambda": float(o.get("scaling", 1.0))}
@@ -977,6 +968,10 @@ def _build_task_vector_yaml(
                 reasons.append("the unweighted vote sums unrounded τ (rounding)")
         if o.get("zero_sign", "zero") != "positive":
             reasons.append("mergekit elects + where the vote's sum is exactly 0 (zero sums)")
+    if method.startswith(("dare", "della")):  # mergekit's masks and rescale, or none
+        if o.get("mask_rng") != "mergekit" or o.get("rescale") not in ("l1", "none"):
+            return None
+        params["rescale"] = o["rescale"] == "l1"
     if method == "ties":
         if o.get("trim_scope") != "per_tensor" or o.get("keep_count") != "floor":
             return None
@@ -985,10 +980,7 @@ def _build_task_vector_yaml(
         per_model["density"] = float(o["density"])
         params["rescale"] = o.get("rescale", "none") == "l1"
     elif method.startswith("dare"):
-        if o.get("mask_rng") != "mergekit" or o.get("rescale") not in ("l1", "none"):
-            return None
         per_model["density"] = round(1.0 - float(o["drop_rate"]), 12)
-        params["rescale"] = o["rescale"] == "l1"
     elif method.startswith("breadcrumbs"):
         if o.get("tie_break", "stable") != "sort":
             reasons.append("mergelab ranks equal |τ| by a stable sort (ties)")
@@ -996,16 +988,8 @@ def _build_task_vector_yaml(
         params["rescale"] = o.get("rescale", "none") == "l1"
     elif method.startswith("della"):
         d, e = float(o["density"]), float(o["epsilon"])
-        if o.get("mask_rng") != "mergekit" or o.get("rescale") not in ("l1", "none"):
-            return None
         if d < 1 and not (d - e > 0 and d + e < 1):
             return None
         per_model |= {"density": d, "epsilon": e}
-        params["rescale"] = o["rescale"] == "l1"
     entries = [(m, {"weight": w, **per_model}) for m, w in zip(experts, ws, strict=True)]
     return method, "base", entries, params
-
-
-def yaml_notes(options: Mapping[str, Any]) -> list[str]:
-    """The notes of a translation (``from_mergekit``'s options) as printable lines."""
-    return [f"note: {n}" for n in options.get("notes", [])]

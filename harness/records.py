@@ -95,8 +95,23 @@ def cell_id(cfg: dict[str, Any]) -> str:
         raise ValueError(f"config lacks {missing}; a cell needs all of {list(CELL_KEYS)}")
     parts = {k: cfg[k] for k in CELL_KEYS}
     parts["eval"] = cell_eval(parts["eval"])
+    return config_digest(parts)
+
+
+def config_digest(parts: Mapping[str, Any]) -> str:
+    """12 hex digits of the sha256 of ``parts`` as sorted-key JSON (values that JSON lacks
+    as their ``str``): the id of a cell or of a ``mergelab-merge`` output."""
     key = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Record the block's wall time in seconds as ``timings[stage]`` (a record's
+    ``timings``)."""
+    start = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - start, 4)
 
 
 def result_path(runs_dir: str | Path, cid: str) -> Path:

@@ -39,12 +39,11 @@ so the process exits non-zero; a failed cell is never ``complete`` and is redone
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,6 +51,7 @@ from typing import Any, NamedTuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.calibration import free_memory
 from evals import backends, sandbox
 from evals.calibration import calibration_prompts
 from evals.lm_eval import (
@@ -69,13 +69,6 @@ from harness.pool import ModelPool, parse_dtype
 from harness.resolvers import resolve_include_path
 from harness.stream import ShardedCheckpointWriter, execute, mergekit_equivalent, model_card
 from methods.base import FitContext, MergeMethod
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str):
-    start = time.perf_counter()
-    yield
-    timings[stage] = round(time.perf_counter() - start, 4)
 
 
 def run_cell(
@@ -104,7 +97,7 @@ def run_cell(
     if finished and not c.get("force"):
         print(f"[mergelab] skip {cid}: finished ({records.result_path(runs_dir, cid)})")
         return _skip_finished(c, cid, cell_dir) or finished
-    backends.require_backend(backends.backend_name(c["eval"]), c["eval"])  # before any claim
+    backends.require_backend(c["eval"])  # before any claim
 
     def done() -> bool:  # forced: recompute whatever a concurrent run finished
         return not c.get("force") and records.load_finished(runs_dir, cid) is not None
@@ -164,7 +157,7 @@ def _run_cell(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     task_cfg = c["task"]
-    with _timed(timings, "check"):
+    with records.timed(timings, "check"):
         task_manager = validate_tasks(
             list(task_cfg["tasks"]), resolve_include_path(task_cfg.get("include_path"))
         )
@@ -236,7 +229,7 @@ def _merge_and_score(
     tokenizer = pool.tokenizer()
     fit_context = None
     if method.needs_data:
-        with _timed(timings, "calibration"):
+        with records.timed(timings, "calibration"):
             fit_context = _fit_context(c, pool, method, tokenizer, task_manager, tracker)
     fitted: dict[str, str] = {}
 
@@ -273,7 +266,7 @@ def _merge_and_score(
         "log_samples": ev.get("log_samples", True),
         "gen_kwargs": ev.get("gen_kwargs"),
     }
-    with _timed(timings, "eval"):
+    with records.timed(timings, "eval"):
         try:
             if backend == "hf":
                 result = evaluate(
@@ -294,7 +287,7 @@ def _merge_and_score(
                     trust_remote_code=pool.trust_remote_code,
                 )
                 record["eval_backend"] = backends.describe(backend, model_args)
-                _free_accelerator_memory()  # vLLM sizes its cache from the free memory
+                free_memory()  # vLLM sizes its cache from the free memory
                 result = evaluate_vllm(model_args, list(task_cfg["tasks"]), **common)
         except NonFiniteScoreError as err:
             raise NonFiniteScoreError(
@@ -428,7 +421,7 @@ def _merge(
 
     if c["stream"]:
         writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
-        with _timed(timings, "merge"):
+        with records.timed(timings, "merge"):
             digest = execute(
                 pool,
                 method,
@@ -438,11 +431,11 @@ def _merge(
                 fit_context=fit_context,
                 fit_cache=fit_cache,
             )
-        with _timed(timings, "save"):
+        with records.timed(timings, "save"):
             saved = writer.close(pool, model_card(record, *mergekit_equivalent(record, pool.dirs)))
         if not build_model:
             return _Merged(None, digest, writer, saved)
-        with _timed(timings, "load"):
+        with records.timed(timings, "load"):
             model = AutoModelForCausalLM.from_pretrained(
                 saved,
                 dtype=parse_dtype(pool.dtype) or "auto",
@@ -451,7 +444,7 @@ def _merge(
         return _Merged(model.to(c["device"]).eval(), digest, writer, saved)
 
     merged: dict[str, torch.Tensor] = {}
-    with _timed(timings, "merge"):
+    with records.timed(timings, "merge"):
         digest = execute(
             pool,
             method,
@@ -463,11 +456,11 @@ def _merge(
         )
     model = None
     if build_model:
-        with _timed(timings, "load"):
+        with records.timed(timings, "load"):
             model = build_merged_model(pool, merged).to(c["device"]).eval()
     if not c["save_merged"]:
         return _Merged(model, digest, None, None)
-    with _timed(timings, "save"):
+    with records.timed(timings, "save"):
         writer = ShardedCheckpointWriter(merged_dir, c["max_shard_size"])
         writer.write_all(merged)  # plans the shards, then writes each tensor in place
         saved = writer.close(pool, model_card(record, *mergekit_equivalent(record, pool.dirs)))
@@ -556,13 +549,6 @@ def _hf_dtype(pool: ModelPool) -> str:
     config = pool.config_json()
     dtype = config.get("dtype") or config.get("torch_dtype")
     return str(dtype) if dtype else "auto"
-
-
-def _free_accelerator_memory() -> None:
-    """Release what the merge and fit left cached, before an engine sizes itself."""
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -135,8 +135,9 @@ Part = tuple[Tensor, dict[str, Tensor]]
 
 
 class _Loader:
-    """Each tensor's members as float32 on the device, checked finite as they are read,
-    produced by a reader thread ahead of the caller (up to :data:`PREFETCH_BYTES` ready).
+    """Each tensor's members as float32 on the device, checked finite as they are first
+    read (a tensor's later passes reread the same members unchecked), produced by a reader
+    thread ahead of the caller (up to :data:`PREFETCH_BYTES` ready).
 
     Whole tensors, or with ``chunked`` flat slices of :data:`CHUNK` entries read from the
     members' memory-mapped tensors one slice at a time; a slice holding NaN/inf has its
@@ -180,13 +181,14 @@ class _Loader:
             for name in names:
                 raw = {m: self.pool.sources[m].get(name) for m in self.members}
                 flat = {m: t.reshape(-1) for m, t in raw.items()}
-                for _ in range(times):
+                for i in range(times):  # passes after the first reread checked members
                     if self.chunked:
                         for at in range(0, flat["base"].numel(), CHUNK):
                             part = {m: t[at : at + CHUNK] for m, t in flat.items()}
-                            pipe.put(self._part(name, part, flat), 4 * CHUNK * len(raw))
+                            pipe.put(self._part(name, part, flat, i == 0), 4 * CHUNK * len(raw))
                     else:
-                        pipe.put(self._part(name, raw, raw), 4 * flat["base"].numel() * len(raw))
+                        nbytes = 4 * flat["base"].numel() * len(raw)
+                        pipe.put(self._part(name, raw, raw, i == 0), nbytes)
                     pipe.put(None, 0)
         except _Closed:
             return
@@ -194,10 +196,14 @@ class _Loader:
             with suppress(_Closed):
                 pipe.put(err, 0)
 
-    def _part(self, name: str, tensors: dict[str, Tensor], whole: dict[str, Tensor]) -> Part:
+    def _part(
+        self, name: str, tensors: dict[str, Tensor], whole: dict[str, Tensor], check: bool
+    ) -> Part:
         f32 = {}
         for m, t in tensors.items():
             f32[m] = _f32(t, self.device)
+            if not check:
+                continue
             try:
                 self.pool.check_finite(m, name, f32[m])
             except NonFiniteError:

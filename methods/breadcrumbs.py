@@ -34,12 +34,11 @@ from torch import Tensor
 
 from core.combine import sum_combine, ties_combine
 from core.dropout import l1_rescale
-from core.options import check_choice, check_unit_interval
-from core.pieces import Fixed, Transform, election_combine
+from core.options import check_bool, check_choice, check_unit_interval
+from core.pieces import TRIM_RESCALES, Fixed, Transform, election_combine
 from methods.task_vector import TaskVectorMerge
 
 TIE_BREAKS = ("stable", "sort")
-RESCALES = ("none", "l1")
 
 
 def breadcrumbs_mask(
@@ -98,7 +97,7 @@ class BreadcrumbsMask(Transform):
     ) -> None:
         self.density = check_unit_interval(density, f"{where}.density", open_low=True)
         self.gamma = check_unit_interval(gamma, f"{where}.gamma", open_high=True)
-        self.rescale = check_choice(rescale, f"{where}.rescale", RESCALES)
+        self.rescale = check_choice(rescale, f"{where}.rescale", TRIM_RESCALES)
         self.tie_break = check_choice(tie_break, f"{where}.tie_break", TIE_BREAKS)
 
     def apply(self, name: str, taus: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -134,9 +133,7 @@ class Breadcrumbs(TaskVectorMerge):
         sign_vote: str = "unweighted",
         zero_sign: str = "zero",
     ) -> None:
-        if not isinstance(sign_election, bool):
-            raise ValueError(f"method.sign_election must be true or false, got {sign_election!r}")
-        self.sign_election = sign_election
+        self.sign_election = check_bool(sign_election, "method.sign_election")
         transform = BreadcrumbsMask(density, gamma, rescale, tie_break, where="method")
         combine = election_combine(sign_election, normalize, weight_product, sign_vote, zero_sign)
         super().__init__(transform, combine, Fixed(scaling, weights, where="method"))

@@ -83,12 +83,10 @@ import torch
 from torch import Tensor
 
 from core.combine import sum_combine, ties_combine
-from core.dropout import keep_masked, mask_seed, seeded_uniforms
-from core.options import check_choice, check_finite, check_unit_interval
+from core.dropout import DROP_RESCALES, keep_masked, mask_seed, seeded_uniforms
+from core.options import check_bool, check_choice, check_finite, check_unit_interval
 from core.pieces import Fixed, SeededDrop, election_combine
 from methods.task_vector import TaskVectorMerge
-
-RESCALES = ("inverse_p", "l1", "none")
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -140,7 +138,7 @@ def magprune(
 ) -> tuple[Tensor, Tensor]:
     """(τ̃, keep): keep_i = [u_i ≥ 1 − p_i]; survivors rescaled by 1/p_i (``inverse_p``),
     by the tensor's L1 ratio ‖τ‖₁/‖τ ⊙ keep‖₁ (``l1``, mergekit), or not at all."""
-    check_choice(rescale, "rescale", RESCALES)
+    check_choice(rescale, "rescale", DROP_RESCALES)
     u = uniforms.to(device=tau.device, dtype=torch.float64)
     keep = u >= 1.0 - keep_prob
     return magprune_rescale(tau, keep, keep_prob, rescale), keep
@@ -210,7 +208,7 @@ class Magprune(SeededDrop):
                 f"{self.density} and epsilon {self.epsilon} (keep-probabilities "
                 f"{self.density - self.epsilon:g} to {self.density + self.epsilon:g})"
             )
-        self.rescale = check_choice(rescale, f"{where}.rescale", RESCALES)
+        self.rescale = check_choice(rescale, f"{where}.rescale", DROP_RESCALES)
         super().__init__(mask_rng, self.density < 1, where=where)
 
     def mergekit_keep_probabilities(self, tau: Tensor) -> Tensor:
@@ -253,9 +251,7 @@ class DELLA(TaskVectorMerge):
         sign_vote: str = "unweighted",
         zero_sign: str = "zero",
     ) -> None:
-        if not isinstance(sign_election, bool):
-            raise ValueError(f"method.sign_election must be true or false, got {sign_election!r}")
-        self.sign_election = sign_election
+        self.sign_election = check_bool(sign_election, "method.sign_election")
         transform = Magprune(density, epsilon, rescale, mask_rng, where="method")
         combine = election_combine(sign_election, normalize, weight_product, sign_vote, zero_sign)
         super().__init__(transform, combine, Fixed(scaling, weights, where="method"))

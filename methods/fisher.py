@@ -74,6 +74,7 @@ from core.calibration import expert_prompts, free_memory
 from core.layers import layer_group
 from core.lm import encode_prompts
 from core.options import (
+    check_bool,
     check_choice,
     check_finite,
     check_int,
@@ -170,9 +171,7 @@ class FisherMerging(MergeMethod):
         self.eps = check_finite(eps, "method.eps")
         if self.eps < 0:
             raise ValueError(f"method.eps must be >= 0, got {eps!r}")
-        if not isinstance(normalize, bool):
-            raise ValueError(f"method.normalize must be true or false, got {normalize!r}")
-        self.normalize = normalize
+        self.normalize = check_bool(normalize, "method.normalize")
         self.weights_option = check_weights_option(weights)
         self.max_length = check_int(max_length, "method.max_length", minimum=1)
         self.expert_names: list[str] = []

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from core.combine import disjoint_merge
-from core.options import check_choice, check_finite, check_unit_interval
+from core.options import check_bool, check_choice, check_finite, check_unit_interval
 from core.pieces import Transform
 from methods.base import MergeMethod
 
@@ -161,9 +161,7 @@ class SCE(MergeMethod):
     ) -> None:
         self.select_topk = check_unit_interval(select_topk, "method.select_topk", open_low=True)
         self.scaling = check_finite(scaling, "method.scaling")
-        if not isinstance(normalize, bool):
-            raise ValueError(f"method.normalize must be true or false, got {normalize!r}")
-        self.normalize = normalize
+        self.normalize = check_bool(normalize, "method.normalize")
         self.select_scope = check_choice(select_scope, "method.select_scope", SELECT_SCOPES)
         self.weight_eps = check_finite(weight_eps, "method.weight_eps")
         if self.weight_eps < 0:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from core.combine import weight_total
+from core.combine import weight_total, weighted_sum
 from core.options import check_choice, check_weights_option, resolve_weights
 from methods.base import MergeMethod
 
@@ -39,13 +38,8 @@ def weight_average(
     total = sum(ws)
     if total <= 0:
         raise ValueError(f"weights must sum to > 0, got {ws}")
-    out = torch.zeros_like(tensors[0])
-    if normalize == "before":
-        for w, t in zip(ws, tensors, strict=True):
-            out.add_(t, alpha=w / total)
-        return out
-    for w, t in zip(ws, tensors, strict=True):
-        out.add_(t, alpha=w)
+    scaled = [w / total for w in ws] if normalize == "before" else ws
+    out = weighted_sum(tensors[0], tensors, len(tensors), scaled, "tensors")
     return out / weight_total(out, ws) if normalize == "after" else out
 
 

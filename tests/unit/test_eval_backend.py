@@ -320,7 +320,7 @@ def test_vllm_path_scores_the_saved_checkpoint_like_hf(tiny_pool, tmp_path, monk
     monkeypatch.setattr(
         backends, "check_eval_options", lambda c: real_check({**c, "device": "cuda"})
     )
-    monkeypatch.setattr(backends, "require_backend", lambda backend, ev=None: None)
+    monkeypatch.setattr(backends, "require_backend", lambda ev: None)
     monkeypatch.setattr(
         backends, "describe", lambda b, a=None: {"name": b, "model_args": dict(a or {})}
     )
